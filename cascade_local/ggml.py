@@ -1,0 +1,90 @@
+"""ggml routines reached through the llama.cpp library that llama-cpp-python already loaded.
+
+Using the loaded handle (not a second dlopen of libggml by path) keeps one copy of ggml in the
+process, so its type tables and buffer types are the ones llama.cpp itself uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import gguf
+import numpy as np
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    from cascade_local.llama_log import quiet_llama
+
+    quiet_llama()
+    import llama_cpp.llama_cpp as llama_cpp_lib
+
+    lib = llama_cpp_lib._lib
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,  # enum ggml_type
+        ctypes.c_void_p,  # const float * src
+        ctypes.c_void_p,  # void * dst
+        ctypes.c_int64,  # start (element index, a multiple of n_per_row)
+        ctypes.c_int64,  # nrows
+        ctypes.c_int64,  # n_per_row
+        ctypes.c_void_p,  # const float * imatrix (may be NULL)
+    ]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return lib
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def quantize_rows(
+    values: np.ndarray,
+    qtype: gguf.GGMLQuantizationType,
+    imatrix: np.ndarray | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Quantize a float32 matrix (rows x n_per_row) with ggml's own routine; returns the raw bytes.
+
+    Rows are split across threads; ctypes releases the GIL during each call, so they run in parallel.
+    """
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    n_per_row = src.shape[-1]
+    nrows = src.size // n_per_row if n_per_row else 0
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if n_per_row % block_size:
+        raise ValueError(f"row width {n_per_row} is not a multiple of {qtype.name}'s block size {block_size}")
+    row_bytes = n_per_row // block_size * type_size
+    dst = np.empty(nrows * row_bytes, dtype=np.uint8)
+    if nrows == 0:
+        return dst
+    lib = _lib()
+    imat = None
+    if imatrix is not None:
+        imat = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imat.shape != (n_per_row,):
+            raise ValueError(f"importance matrix has shape {imat.shape}, expected ({n_per_row},)")
+    elif lib.ggml_quantize_requires_imatrix(int(qtype)):
+        raise ValueError(f"{qtype.name} needs an importance matrix")
+    imat_ptr = imat.ctypes.data if imat is not None else None
+
+    def run(first: int, count: int) -> int:
+        return lib.ggml_quantize_chunk(
+            int(qtype), src.ctypes.data, dst.ctypes.data, first * n_per_row, count, n_per_row, imat_ptr
+        )
+
+    n_threads = max(1, min(threads or default_threads(), nrows))
+    bounds = np.linspace(0, nrows, n_threads + 1).astype(int)
+    spans = [(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(spans) == 1:
+        written = run(*spans[0])
+    else:
+        with ThreadPoolExecutor(len(spans)) as pool:
+            written = sum(pool.map(lambda span: run(*span), spans))
+    if written != dst.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {dst.nbytes}")
+    return dst

@@ -1,0 +1,165 @@
+"""The converter: a Hugging Face Nemotron-H MoE checkpoint in, one GGUF out, in a single streaming pass.
+
+The pipeline is fixed: plan every tensor (all names, shapes and types checked before a byte is
+written), write metadata and the tensor table, then stream each tensor's rows from the memory-mapped
+shards through its transform and encoder into the file. At most one block of rows is in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import gguf
+import numpy as np
+
+from cascade_local.errors import ConversionError, UsageError
+
+from .checkpoint import Checkpoint
+from .encode import encode_rows
+from .gguf_stream import GGUFStreamWriter
+from .metadata import ARCH, write_general, write_hparams
+from .policy import TypePolicy
+from .tensor_map import TRANSFORMS, PlannedTensor, TensorClass, Transform, plan_tensors
+from .tokenizer import write_tokenizer
+
+# Rows are read and encoded in blocks of about this many source bytes: big enough to amortise the
+# per-call overhead of the quantizer, small enough that memory stays flat whatever the model size.
+BLOCK_BYTES = 32 * 1024 * 1024
+
+
+class ConversionProgress(Protocol):
+    def start(self, total_bytes: int, n_tensors: int) -> None: ...
+    def tensor(self, name: str) -> None: ...
+    def advance(self, source_bytes: int) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total_bytes: int, n_tensors: int) -> None:
+        pass
+
+    def tensor(self, name: str) -> None:
+        pass
+
+    def advance(self, source_bytes: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class WrittenTensor:
+    name: str
+    cls: TensorClass
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class ConversionResult:
+    path: Path
+    policy: str
+    tensors: list[WrittenTensor] = field(default_factory=list)
+    source_bytes: int = 0
+    file_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors)
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse before any work: an existing file without --force, a folder, an unwritable location."""
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder; give a file name such as {out / 'model.gguf'}")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {out}: folder {parent} is not writable")
+
+
+def convert(
+    src: Path,
+    out: Path,
+    policy: TypePolicy,
+    *,
+    force: bool = False,
+    name: str | None = None,
+    threads: int | None = None,
+    progress: ConversionProgress | None = None,
+) -> ConversionResult:
+    """Convert checkpoint folder `src` to GGUF file `out` with tensor types chosen by `policy`."""
+    src, out = Path(src), Path(out)
+    progress = progress or _NoProgress()
+    check_output(out, force)
+    started = time.perf_counter()
+    ckpt = Checkpoint(src)
+    try:
+        planned = plan_tensors(ckpt)
+        types = [policy.type_for(t) for t in planned]
+        writer = GGUFStreamWriter(out, ARCH)
+        write_general(writer.meta, name or src.resolve().name, str(src.resolve()), policy.file_type,
+                      policy.is_quantized, policy.name)
+        write_hparams(writer.meta, ckpt.config)
+        write_tokenizer(writer.meta, src, ckpt.config.vocab_size)
+        result = ConversionResult(out, policy.name)
+        for tensor, qtype in zip(planned, types):
+            slot = writer.declare(tensor.name, tensor.shape, qtype)
+            result.tensors.append(WrittenTensor(tensor.name, tensor.cls, qtype, tensor.shape, slot.nbytes))
+        result.source_bytes = sum(ckpt.entry(s).nbytes for t in planned for s in t.sources)
+        progress.start(result.source_bytes, len(planned))
+        try:
+            writer.begin()
+            for tensor, qtype in zip(planned, types):
+                progress.tensor(tensor.name)
+                _stream_tensor(ckpt, tensor, qtype, writer, progress, threads)
+            writer.finish()
+        except BaseException as exc:
+            writer.abort()
+            if isinstance(exc, OSError):
+                raise _disk_error(exc, out) from None
+            raise
+    finally:
+        ckpt.close()
+    result.file_bytes = out.stat().st_size
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _stream_tensor(
+    ckpt: Checkpoint,
+    tensor: PlannedTensor,
+    qtype: gguf.GGMLQuantizationType,
+    writer: GGUFStreamWriter,
+    progress: ConversionProgress,
+    threads: int | None,
+) -> None:
+    transform = TRANSFORMS[tensor.transform]
+    per_source_shape = tensor.shape[1:] if tensor.stacked else tensor.shape
+    for source in tensor.sources:
+        entry = ckpt.entry(source)
+        if tensor.transform is Transform.NONE:
+            raw, src_dtype = ckpt.raw(source), entry.dtype
+        else:
+            raw, src_dtype = transform(ckpt.f32(source)), "F32"
+        rows = raw.reshape(-1, per_source_shape[-1])
+        source_bytes_per_value = entry.nbytes // max(1, entry.n_elements)
+        step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.itemsize))
+        for first in range(0, rows.shape[0], step):
+            block = rows[first : first + step]
+            writer.write(encode_rows(block, src_dtype, qtype, threads))
+            progress.advance(block.size * source_bytes_per_value)
+        ckpt.release(source)
+
+
+def _disk_error(exc: OSError, out: Path) -> ConversionError:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return ConversionError(f"ran out of disk space writing {out} ({exc.strerror}); nothing was left behind")
+    return ConversionError(f"writing {out} failed: {exc.strerror or exc}; nothing was left behind")
