@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import gguf
 
 from cascade_local import __version__
+from cascade_local.errors import CheckpointError
 
 from .hf_config import NemotronHConfig
 
@@ -13,6 +17,7 @@ ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.NEMOTRON_H_MOE]  # "nemotron_h_moe"
 
 def write_hparams(meta: gguf.GGUFWriter, cfg: NemotronHConfig) -> None:
     moe, attn = cfg.layers_of("E"), cfg.layers_of("*")
+    meta.add_vocab_size(cfg.vocab_size)
     meta.add_context_length(cfg.max_position_embeddings)
     meta.add_embedding_length(cfg.hidden_size)
     meta.add_block_count(cfg.n_layers)
@@ -45,14 +50,35 @@ def write_hparams(meta: gguf.GGUFWriter, cfg: NemotronHConfig) -> None:
 
 
 def write_general(meta: gguf.GGUFWriter, name: str, source: str, file_type: gguf.LlamaFileType,
-                  quantized: bool, recipe: str) -> None:
+                  recipe: str, size_label: str) -> None:
     meta.add_type(gguf.GGUFType.MODEL)
     meta.add_name(name)
+    meta.add_size_label(size_label)
     meta.add_source_url(source) if source.startswith(("http://", "https://")) else meta.add_string(
         "general.source.path", source
     )
     meta.add_file_type(file_type)
-    if quantized:
-        meta.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    meta.add_quantization_version(gguf.GGML_QUANT_VERSION)
     meta.add_string("cascade_local.converter_version", __version__)
     meta.add_string("cascade_local.recipe", recipe)
+
+
+def write_sampling_defaults(meta: gguf.GGUFWriter, folder: Path) -> None:
+    """The publisher's recommended sampling (generation_config.json), which llama.cpp uses as defaults."""
+    path = folder / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if isinstance(gen.get("temperature"), (int, float)):
+        meta.add_sampling_temp(float(gen["temperature"]))
+    if isinstance(gen.get("top_p"), (int, float)):
+        meta.add_sampling_top_p(float(gen["top_p"]))
+    if isinstance(gen.get("top_k"), int):
+        meta.add_sampling_top_k(gen["top_k"])
+
+
+def size_label(cfg: NemotronHConfig, total_params: int, expert_params: int) -> str:
+    """llama.cpp's label, e.g. 128x3.6B: shared parameters plus one expert's share, times the experts."""
+    per_expert = expert_params // cfg.n_routed_experts
+    return gguf.size_label(total_params, total_params - expert_params, per_expert, cfg.n_routed_experts)

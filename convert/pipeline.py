@@ -22,7 +22,7 @@ from cascade_local.errors import ConversionError, UsageError
 from .checkpoint import Checkpoint
 from .encode import encode_rows
 from .gguf_stream import GGUFStreamWriter
-from .metadata import ARCH, write_general, write_hparams
+from .metadata import ARCH, size_label, write_general, write_hparams, write_sampling_defaults
 from .policy import TypePolicy
 from .tensor_map import TRANSFORMS, PlannedTensor, TensorClass, Transform, plan_tensors
 from .tokenizer import write_tokenizer
@@ -105,9 +105,12 @@ def convert(
         planned = plan_tensors(ckpt)
         types = [policy.type_for(t) for t in planned]
         writer = GGUFStreamWriter(out, ARCH)
+        n_params = sum(t.n_elements for t in planned)
+        n_expert_params = sum(t.n_elements for t in planned if t.stacked)
         write_general(writer.meta, name or src.resolve().name, str(src.resolve()), policy.file_type,
-                      policy.is_quantized, policy.name)
+                      policy.name, size_label(ckpt.config, n_params, n_expert_params))
         write_hparams(writer.meta, ckpt.config)
+        write_sampling_defaults(writer.meta, src)
         write_tokenizer(writer.meta, src, ckpt.config.vocab_size)
         result = ConversionResult(out, policy.name)
         for tensor, qtype in zip(planned, types):

@@ -1,9 +1,94 @@
-"""The `cascade-local` command (placeholder until the commands land)."""
+"""The `cascade-local` command: a thin layer over the library. Errors are translated here, once."""
 
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
 import typer
 
-app = typer.Typer()
+from cascade_local import __version__
+from cascade_local.errors import CascadeError
+
+app = typer.Typer(
+    name="cascade-local",
+    help="Run NVIDIA Nemotron-Cascade-2-30B-A3B on your own desktop.",
+    no_args_is_help=True,
+    add_completion=True,
+    # Tracebacks never show local variables: prompts and paths can be private.
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cascade-local {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Run NVIDIA Nemotron-Cascade-2-30B-A3B on your own desktop."""
+
+
+def _register() -> None:
+    from cascade_local.cli import chat_cmd, convert_cmd
+
+    app.command("convert")(convert_cmd.convert)
+    app.command("chat")(chat_cmd.chat)
+
+
+def _silence_stdout() -> None:
+    # After a closed pipe, point stdout at /dev/null so the interpreter's final flush stays quiet.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def run_guarded(fn: Callable[[], Any]) -> int:
+    """Run a command body; map domain errors to one line on stderr and their exit code."""
+    from rich.markup import escape
+
+    from cascade_local.cli.console import err_console
+
+    try:
+        return int(fn() or 0)
+    except CascadeError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted", style="yellow")
+        return 130
+    except BrokenPipeError:
+        # `| head -1` closed our stdout: end quietly, and keep Python from complaining at exit.
+        _silence_stdout()
+        return 0
+
+
+def _invoke() -> int:
+    """Click in non-standalone mode, so that its exits and errors come back here to be mapped."""
+    try:
+        result = app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:  # Ctrl-C / Ctrl-D inside a click prompt
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 1  # usage errors are 1; 2 is kept for model and load errors
+    return result if isinstance(result, int) else 0
 
 
 def main() -> None:
-    app()
+    _register()
+    code = run_guarded(_invoke)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    sys.exit(code)
