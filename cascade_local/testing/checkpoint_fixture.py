@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,18 @@ def chat_template() -> str:
     return resources.files("cascade_local").joinpath("templates/nemotron-cascade-2.jinja").read_text(encoding="utf-8")
 
 
-def tensor_specs(cfg: dict[str, Any], seed: int, output_scale: float) -> list[TensorSpec]:
+@dataclass(frozen=True)
+class Scales:
+    """How strongly each part acts: enough that outputs discriminate, not so much that rounding flips routes."""
+
+    output: float = 10.0  # lm_head: sets how peaked the next-token distribution is
+    router: float = 2.0  # router logits' spread
+    router_bias: float = 0.1  # e_score_correction_bias spread
+    dt_rows: float = 0.3  # in_proj rows feeding dt: small keeps softplus(dt) well above dt_min
+    expert_down: float = 0.5
+
+
+def tensor_specs(cfg: dict[str, Any], seed: int, scales: Scales) -> list[TensorSpec]:
     """Every tensor of the checkpoint in `save_pretrained` order, with lazily drawn values."""
     h = cfg["hidden_size"]
     heads, head_dim = cfg["mamba_num_heads"], cfg["mamba_head_dim"]
@@ -109,7 +121,7 @@ def tensor_specs(cfg: dict[str, Any], seed: int, output_scale: float) -> list[Te
                 return (dt + np.log(-np.expm1(-dt))).astype(np.float32)
             if fill == "in_proj":  # the dt rows (last `heads`) kept small so softplus(dt) stays >> dt_min
                 w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
-                w[-heads:] *= 0.3
+                w[-heads:] *= scales.dt_rows
                 return w.astype(np.float32)
             raise ValueError(fill)
 
@@ -135,32 +147,37 @@ def tensor_specs(cfg: dict[str, Any], seed: int, output_scale: float) -> list[Te
             add(p + "mixer.v_proj.weight", (kv_dim, h), "linear")
         elif kind == "E":
             for x in range(n_exp):
-                add(p + f"mixer.experts.{x}.down_proj.weight", (h, ff), "linear", scale=0.5)
+                add(p + f"mixer.experts.{x}.down_proj.weight", (h, ff), "linear", scale=scales.expert_down)
                 add(p + f"mixer.experts.{x}.up_proj.weight", (ff, h), "linear")
-            add(p + "mixer.gate.e_score_correction_bias", (n_exp,), "normal", "F32", scale=0.1)
-            add(p + "mixer.gate.weight", (n_exp, h), "linear", "F32", scale=2.0)
-            add(p + "mixer.shared_experts.down_proj.weight", (h, ff_sh), "linear", scale=0.5)
+            add(p + "mixer.gate.e_score_correction_bias", (n_exp,), "normal", "F32", scale=scales.router_bias)
+            add(p + "mixer.gate.weight", (n_exp, h), "linear", "F32", scale=scales.router)
+            add(p + "mixer.shared_experts.down_proj.weight", (h, ff_sh), "linear", scale=scales.expert_down)
             add(p + "mixer.shared_experts.up_proj.weight", (ff_sh, h), "linear")
         add(p + "norm.weight", (h,), "norm")
     add("backbone.norm_f.weight", (h,), "norm")
-    add("lm_head.weight", (cfg["vocab_size"], h), "linear", scale=output_scale)
+    add("lm_head.weight", (cfg["vocab_size"], h), "linear", scale=scales.output)
     return specs
 
 
-def write_checkpoint(folder: Path, cfg: dict[str, Any], *, seed: int, output_scale: float,
+def write_checkpoint(folder: Path, cfg: dict[str, Any], *, seed: int, scales: Scales,
                      shard_bytes: int, tokenizer_vocab: int = 1024) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     write_tokenizer_files(folder, chat_template(), vocab_size=tokenizer_vocab)
-    write_shards(folder, tensor_specs(cfg, seed, output_scale), shard_bytes=shard_bytes)
+    write_shards(folder, tensor_specs(cfg, seed, scales), shard_bytes=shard_bytes)
     return folder
 
 
-def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
+# Calibrated so rounding noise at the level of llama.cpp's CPU kernels (BF16 or Q8_0 activations) rarely
+# flips an expert choice, as in a trained model, while the top token still averages ~0.3 probability.
+TINY_SCALES = Scales(output=3.0, router=1.0, router_bias=0.5, expert_down=0.25)
+
+
+def write_tiny_checkpoint(folder: Path, seed: int = 0, scales: Scales = TINY_SCALES) -> Path:
     """About 1.6 MB: every layer kind, two MoE layers, attention not first, three shards."""
-    return write_checkpoint(folder, TINY_CONFIG, seed=seed, output_scale=10.0, shard_bytes=700_000)
+    return write_checkpoint(folder, TINY_CONFIG, seed=seed, scales=scales, shard_bytes=700_000)
 
 
 def slice_config(pattern: str) -> dict[str, Any]:
@@ -172,7 +189,7 @@ def slice_config(pattern: str) -> dict[str, Any]:
 
 def write_slice_checkpoint(folder: Path, pattern: str = "MEM*E", seed: int = 0) -> Path:
     """Real widths, few layers (`MEM*E` is 3.4 B parameters, 6.8 GB); written one tensor at a time."""
-    return write_checkpoint(folder, slice_config(pattern), seed=seed, output_scale=30.0, shard_bytes=2 << 30)
+    return write_checkpoint(folder, slice_config(pattern), seed=seed, scales=Scales(output=30.0), shard_bytes=2 << 30)
 
 
 def main() -> None:

@@ -1,0 +1,3 @@
+from cascade_local.cli.app import main
+
+main()
