@@ -16,8 +16,10 @@ from typing import Any
 
 from cascade_local.chat_template import ChatTemplate, Message
 from cascade_local.errors import ModelLoadError
+from cascade_local.gguf_meta import read_metadata
 from cascade_local.llama_log import quiet_llama, recent_lines
 from cascade_local.thinking import Piece, ThinkingSplitter
+from cascade_local.tokenization import prompt_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 
@@ -71,14 +73,22 @@ def default_template() -> str:
 class ChatSession:
     def __init__(self, path: Path, *, n_ctx: int = 8192, threads: int | None = None):
         self.path = path
+        check_gguf(path)
+        meta = read_metadata(path)
         self.llm = load_llama(path, n_ctx, threads)
-        meta = self.llm.metadata
-        vocab = self.llm._model
+        tokens = meta.get("tokenizer.ggml.tokens") or []
+
+        def token_text(key: str) -> str:
+            tid = meta.get(key)
+            return tokens[tid] if isinstance(tid, int) and 0 <= tid < len(tokens) else ""
+
         self.template = ChatTemplate(
             meta.get("tokenizer.chat_template") or default_template(),
-            bos_token=vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else "",
-            eos_token=vocab.token_get_text(vocab.token_eos()) if vocab.token_eos() >= 0 else "",
+            bos_token=token_text("tokenizer.ggml.bos_token_id"),
+            eos_token=token_text("tokenizer.ggml.eos_token_id"),
         )
+        self.tokenizer = prompt_tokenizer(meta, self.llm)
+        self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
         self.messages: list[Message] = []
 
     def render(self, enable_thinking: bool) -> str:
@@ -90,7 +100,7 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": user_text})
         prompt = self.render(enable_thinking)
-        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens = self.tokenizer.encode(prompt, add_bos=self.add_bos)
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         splitter = ThinkingSplitter(in_reasoning=enable_thinking)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -151,7 +151,8 @@ def add_flags(folder: Path, tokenizer_config: dict[str, Any], tokenizer: dict[st
 def write_tokenizer(meta: gguf.GGUFWriter, folder: Path, n_vocab: int) -> GGUFVocab:
     """All tokenizer.* metadata: vocabulary, merges, special ids, add-BOS/EOS flags, chat template."""
     vocab = read_vocab(folder, n_vocab)
-    tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer_text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    tokenizer = json.loads(tokenizer_text)
     config_path = folder / "tokenizer_config.json"
     try:
         tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
@@ -172,6 +173,10 @@ def write_tokenizer(meta: gguf.GGUFWriter, folder: Path, n_vocab: int) -> GGUFVo
     flags = add_flags(folder, tokenizer_config, tokenizer)
     meta.add_add_bos_token(flags["bos"])
     meta.add_add_eos_token(flags["eos"])
+    # llama.cpp's built-in pre-tokenizers only approximate some regexes (its "tekken" ignores combining
+    # marks, so Devanagari or Thai words split differently). The original travels with the model so
+    # cascade-local's runtime can tokenize exactly as the reference does; llama.cpp ignores this key.
+    meta.add_string(gguf.Keys.Tokenizer.HF_JSON, tokenizer_text)
     template = tokenizer_config.get("chat_template")
     if isinstance(template, str):
         meta.add_chat_template(template)
