@@ -7,6 +7,7 @@ process, so its type tables and buffer types are the ones llama.cpp itself uses.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -79,7 +80,7 @@ def quantize_rows(
 
     n_threads = max(1, min(threads or default_threads(), nrows))
     bounds = np.linspace(0, nrows, n_threads + 1).astype(int)
-    spans = [(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    spans = [(int(a), int(b - a)) for a, b in itertools.pairwise(bounds) if b > a]
     if len(spans) == 1:
         written = run(*spans[0])
     else:

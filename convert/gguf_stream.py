@@ -9,6 +9,7 @@ The file is written under a temporary name and renamed only once complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,10 +118,8 @@ class GGUFStreamWriter:
     def abort(self) -> None:
         """Remove the partial file; safe to call in any state."""
         if self._fh is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._fh.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
         self.meta.close()
         if self._state is not _State.DONE:
             self.tmp_path.unlink(missing_ok=True)

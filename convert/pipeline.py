@@ -113,14 +113,14 @@ def convert(
         write_sampling_defaults(writer.meta, src)
         write_tokenizer(writer.meta, src, ckpt.config.vocab_size)
         result = ConversionResult(out, policy.name)
-        for tensor, qtype in zip(planned, types):
+        for tensor, qtype in zip(planned, types, strict=True):
             slot = writer.declare(tensor.name, tensor.shape, qtype)
             result.tensors.append(WrittenTensor(tensor.name, tensor.cls, qtype, tensor.shape, slot.nbytes))
         result.source_bytes = sum(ckpt.entry(s).nbytes for t in planned for s in t.sources)
         progress.start(result.source_bytes, len(planned))
         try:
             writer.begin()
-            for tensor, qtype in zip(planned, types):
+            for tensor, qtype in zip(planned, types, strict=True):
                 progress.tensor(tensor.name)
                 _stream_tensor(ckpt, tensor, qtype, writer, progress, threads)
             writer.finish()

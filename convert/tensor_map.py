@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint
 from .hf_config import NemotronHConfig
 
 
-class TensorClass(str, Enum):
+class TensorClass(StrEnum):
     """What a tensor is, for choosing its type. `F32_ONLY` tensors are tiny and precision-critical."""
 
     TOKEN_EMBD = "token_embd"
@@ -37,7 +37,7 @@ class TensorClass(str, Enum):
     F32_ONLY = "f32_only"  # norms, router, conv1d, A, D, dt bias
 
 
-class Transform(str, Enum):
+class Transform(StrEnum):
     NONE = "none"
     NEG_EXP = "neg_exp"  # ssm_a = -exp(A_log)
 
@@ -193,7 +193,8 @@ def plan_tensors(ckpt: Checkpoint) -> list[PlannedTensor]:
     leftover = sorted(set(ckpt.tensor_names) - used)
     if leftover:
         more = f" and {len(leftover) - 3} more" if len(leftover) > 3 else ""
-        raise CheckpointError(f"the checkpoint has tensors this converter does not map: {', '.join(leftover[:3])}{more}")
+        names = ", ".join(leftover[:3])
+        raise CheckpointError(f"the checkpoint has tensors this converter does not map: {names}{more}")
     return planned
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cascade_local.convert import convert, uniform_policy
 
 TESTS = Path(__file__).resolve().parent

@@ -28,7 +28,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def kl_and_top1(golden, ours) -> tuple[float, float]:
     kls, agree = [], []
-    for (_, ref), got in zip(golden, ours):
+    for (_, ref), got in zip(golden, ours, strict=True):
         lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(got)
         kls.append((np.exp(lp) * (lp - lq)).sum(-1))
         agree.append(ref.argmax(-1) == got.argmax(-1))
@@ -44,7 +44,7 @@ def test_golden_logits_are_not_near_uniform(golden_logits):
 
 def test_f32_matches_transformers_at_every_position(tiny_gguf, golden_logits):
     ours = llama_logits(tiny_gguf("f32"), golden_logits)
-    for (ids, ref), got in zip(golden_logits, ours):
+    for (ids, ref), got in zip(golden_logits, ours, strict=True):
         spread = ref.max(-1) - ref.min(-1)
         rel = np.abs(got - ref).max(-1) / spread
         assert rel.max() < 1e-3, f"sequence of {len(ids)} tokens: worst position {rel.argmax()} off by {rel.max():.2e}"

@@ -11,8 +11,14 @@ import json
 import unicodedata
 
 import pytest
+from cascade_local.convert.tokenizer import (
+    KNOWN_PRE_TOKENIZERS,
+    TEKKEN,
+    llama_pre_tokenizer,
+    read_vocab,
+    split_regex,
+)
 
-from cascade_local.convert.tokenizer import KNOWN_PRE_TOKENIZERS, TEKKEN, llama_pre_tokenizer, read_vocab, split_regex
 from cascade_local.errors import TokenizerError
 from cascade_local.gguf_meta import read_metadata
 from cascade_local.llama_log import quiet_llama

@@ -50,6 +50,12 @@ def _silence_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+def _say_interrupted() -> None:
+    from cascade_local.cli.console import err_console
+
+    err_console.print("interrupted; nothing half-written was left behind", style="yellow")
+
+
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run a command body; map domain errors to one line on stderr and their exit code."""
     from rich.markup import escape
@@ -62,7 +68,7 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        err_console.print("interrupted", style="yellow")
+        _say_interrupted()
         return 130
     except BrokenPipeError:
         # `| head -1` closed our stdout: end quietly, and keep Python from complaining at exit.
@@ -76,11 +82,14 @@ def _invoke() -> int:
         result = app(standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:  # Ctrl-C / Ctrl-D inside a click prompt
+    except click.exceptions.Abort:  # Ctrl-D / Ctrl-C inside a click prompt
+        _say_interrupted()
         return 130
     except click.ClickException as exc:
         exc.show()
         return 1  # usage errors are 1; 2 is kept for model and load errors
+    if result == 130:  # typer turns Ctrl-C into Exit(130), which non-standalone mode returns
+        _say_interrupted()
     return result if isinstance(result, int) else 0
 
 

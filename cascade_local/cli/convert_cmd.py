@@ -13,7 +13,7 @@ from cascade_local.cli.progress_view import ConversionProgressBar, conversion_su
 def convert(
     src: Path = typer.Argument(..., help="Checkpoint folder (config.json, *.safetensors, tokenizer.json)."),
     out: Path = typer.Option(..., "--output", "-o", help="GGUF file to write."),
-    type_: str = typer.Option("bf16", "--type", "-t", help="Tensor type for the weight matrices: f32, f16, bf16, q8_0."),
+    type_: str = typer.Option("bf16", "--type", "-t", help="Weight matrix type: f32, f16, bf16, q8_0."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     name: str | None = typer.Option(None, "--name", help="Model name stored in the file (default: folder name)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Quantization threads (default: all cores)."),

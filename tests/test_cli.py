@@ -1,0 +1,78 @@
+"""The `cascade-local` command as a user runs it: real processes, pipes (not terminals), real files."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import run_cli
+
+from cascade_local import __version__
+
+ANSI = re.compile(r"\x1b\[")
+
+
+@pytest.fixture
+def offline_home(tmp_path):
+    """An empty user folder and Hub cache, so nothing is found locally."""
+    return {"CASCADE_LOCAL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"cascade-local {__version__}"
+
+
+@pytest.mark.parametrize("command", ["convert", "chat"])
+def test_help_has_an_example(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and "Example: cascade-local" in result.stdout
+
+
+def test_convert_pipes_cleanly(tiny_dir, tmp_path):
+    out = tmp_path / "tiny.gguf"
+    result = run_cli("convert", str(tiny_dir), "-o", str(out), "--type", "q8_0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{out}\n"  # stdout: the payload only
+    assert "total" in result.stderr and "Q8_0" in result.stderr and "MB/s" in result.stderr
+    assert not ANSI.search(result.stdout + result.stderr)
+    assert out.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
+
+
+@pytest.mark.parametrize("how", ["offline_mode", "unreachable_endpoint"])
+def test_chat_without_a_model_or_network_says_what_to_do(offline_home, how):
+    env = dict(offline_home)
+    if how == "offline_mode":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port: refused at once
+    result = run_cli("chat", env=env, input="", timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert "nvidia/Nemotron-Cascade-2-30B-A3B" in message
+    assert "cascade-local chat /path/to/model.gguf" in message
+
+
+def test_chat_with_a_file_that_is_not_gguf(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"PK\x03\x04 not a model")
+    result = run_cli("chat", str(bogus), input="")
+    assert result.returncode == 2 and "is not a GGUF file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chat_with_a_checkpoint_folder_suggests_convert(tiny_dir):
+    result = run_cli("chat", str(tiny_dir), input="")
+    assert result.returncode == 1 and "convert it first" in result.stderr
+
+
+def test_chat_turn_and_thinking_toggle(tiny_gguf):
+    script = "Hello\n/think off\nHi again\n/exit\n"
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "8", "--temperature", "0", input=script)
+    assert result.returncode == 0, result.stderr
+    assert "thinking off" in result.stderr
+    assert result.stdout.count(">>> ") == 4  # one prompt per line read
+    # Thinking on: the 8 tokens are all reasoning (stderr). Off: they are the answer (stdout).
+    first, second = result.stdout.split(">>> ")[1], result.stdout.split(">>> ")[3]
+    assert first.strip() == "" and second.strip() != ""

@@ -1,0 +1,46 @@
+"""Reasoning is split from the answer however the stream is cut into pieces."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cascade_local.thinking import ThinkingSplitter
+
+
+def split_all(pieces: list[str], in_reasoning: bool) -> tuple[str, str]:
+    splitter = ThinkingSplitter(in_reasoning)
+    for piece in pieces:
+        splitter.feed(piece)
+    splitter.flush()
+    return splitter.reasoning, splitter.content
+
+
+def cut(text: str, points: list[int]) -> list[str]:
+    bounds = sorted({0, len(text), *(p % (len(text) + 1) for p in points)})
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=200), max_size=30))
+def test_any_cut_of_a_thinking_stream(points):
+    text = "Let me think: 2+2</thin is not a tag.\n</think>\nThe answer is <b>4</b>."
+    assert split_all(cut(text, points), in_reasoning=True) == (
+        "Let me think: 2+2</thin is not a tag.\n", "\nThe answer is <b>4</b>.")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=200), max_size=30))
+def test_any_cut_when_the_model_opens_its_own_think(points):
+    text = "<think>plan</think>done <thin"
+    assert split_all(cut(text, points), in_reasoning=False) == ("plan", "done <thin")
+
+
+def test_never_closed_thinking_is_all_reasoning():
+    assert split_all(["still ", "thinking <", "/thi"], in_reasoning=True) == ("still thinking </thi", "")
+
+
+def test_pieces_come_out_in_order_with_kinds():
+    splitter = ThinkingSplitter(True)
+    kinds = [(p.kind, p.text) for piece in ["a</th", "ink>b"] for p in splitter.feed(piece)]
+    assert kinds == [("reasoning", "a"), ("content", "b")]
