@@ -83,8 +83,8 @@ class Checkpoint:
     def f32(self, name: str) -> np.ndarray:
         return to_f32(self.raw(name), self.entry(name).dtype)
 
-    def release(self, name: str) -> None:
-        self._shards[self._shard_of(name)].release(name)
+    def release(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> None:
+        self._shards[self._shard_of(name)].release(name, first_byte, end_byte)
 
     def close(self) -> None:
         for shard in self._shards.values():

@@ -155,10 +155,13 @@ def _stream_tensor(
         rows = raw.reshape(-1, per_source_shape[-1])
         source_bytes_per_value = entry.nbytes // max(1, entry.n_elements)
         step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.itemsize))
+        row_bytes = rows.shape[1] * source_bytes_per_value
         for first in range(0, rows.shape[0], step):
             block = rows[first : first + step]
             writer.write(encode_rows(block, src_dtype, qtype, threads))
             progress.advance(block.size * source_bytes_per_value)
+            # An embedding or output matrix is 0.7 GB by itself: drop its pages block by block.
+            ckpt.release(source, first * row_bytes, (first + len(block)) * row_bytes)
         ckpt.release(source)
 
 

@@ -130,17 +130,20 @@ class SafetensorsFile:
             self._mmap, dtype=DTYPES[entry.dtype], count=entry.n_elements, offset=self._data_start + entry.begin
         ).reshape(entry.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's resident set once it has been consumed.
+    def release(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> None:
+        """Drop consumed bytes of a tensor (all of it by default) from this process's resident set.
 
         Mapped pages count towards RSS until the kernel reclaims them; without this, converting a
         63 GB checkpoint would look (and, under memory pressure, behave) like reading it all into RAM.
+        Only whole pages inside the range are dropped, so a neighbour's pages are never touched twice.
         """
         if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         entry = self.entries[name]
-        start = (self._data_start + entry.begin) // mmap.PAGESIZE * mmap.PAGESIZE
-        length = self._data_start + entry.end - start
+        end = entry.end if end_byte is None else entry.begin + end_byte
+        page = mmap.PAGESIZE
+        start = -(-(self._data_start + entry.begin + first_byte) // page) * page
+        length = (self._data_start + end) // page * page - start
         if length > 0:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, length)
 
