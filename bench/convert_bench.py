@@ -82,7 +82,8 @@ class Row:
 
 
 def slice_dir_name(pattern: str) -> str:
-    return "slice-" + pattern.replace("*", "_x_")
+    # v2: calibrated scales (SLICE_SCALES); older slices were generated differently.
+    return "slice-v2-" + pattern.replace("*", "_x_")
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

@@ -8,7 +8,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cascade_local.errors import CascadeError, ModelNotFoundError
+from cascade_local.convert.recipes import Recipe, parse_recipe
+from cascade_local.errors import CascadeError, ModelNotFoundError, UsageError
 from cascade_local.paths import home
 
 
@@ -17,7 +18,7 @@ class ModelEntry:
     name: str
     hf_repo: str
     description: str = ""
-    default_type: str = "q8_0"
+    recipe: str = ""
     context_length: int = 0
     sampling: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -25,7 +26,7 @@ class ModelEntry:
     def from_dict(cls, name: str, raw: dict[str, Any]) -> ModelEntry:
         if not isinstance(raw.get("hf_repo"), str):
             raise CascadeError(f"models.toml: model {name!r} needs an hf_repo string")
-        known = {k: raw[k] for k in ("hf_repo", "description", "default_type", "context_length", "sampling")
+        known = {k: raw[k] for k in ("hf_repo", "description", "recipe", "context_length", "sampling")
                  if k in raw}
         return cls(name=name, **known)
 
@@ -34,6 +35,15 @@ class ModelEntry:
 class Registry:
     default: str
     models: dict[str, ModelEntry]
+    default_recipe: str = ""
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+
+    def recipe(self, name: str | None) -> Recipe:
+        key = name or self.default_recipe
+        try:
+            return self.recipes[key]
+        except KeyError:
+            raise UsageError(f"unknown recipe {key!r}; known: {', '.join(sorted(self.recipes))}") from None
 
     def get(self, name: str | None) -> ModelEntry:
         key = name or self.default
@@ -59,10 +69,14 @@ def load_registry(user_file: Path | None = None) -> Registry:
     user_file = user_file or home() / "models.toml"
     if user_file.is_file():
         layers.append(_parse(user_file.read_text(encoding="utf-8"), str(user_file)))
-    default = shipped.get("default", "")
+    default, default_recipe = shipped.get("default", ""), shipped.get("default_recipe", "")
     models: dict[str, ModelEntry] = {}
+    recipes: dict[str, Recipe] = {}
     for layer in layers:
         default = layer.get("default", default)
+        default_recipe = layer.get("default_recipe", default_recipe)
         for name, raw in (layer.get("models") or {}).items():
             models[name] = ModelEntry.from_dict(name, raw)
-    return Registry(default, models)
+        for name, raw in (layer.get("recipes") or {}).items():
+            recipes[name] = parse_recipe(name, raw)
+    return Registry(default, models, default_recipe, recipes)

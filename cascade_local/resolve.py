@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cascade_local.convert.recipes import Recipe
 from cascade_local.errors import ModelNotFoundError, UsageError
 from cascade_local.paths import models_dir
 from cascade_local.registry import ModelEntry, load_registry
 
 LOCAL_HINT = (
     "To use a local file instead: cascade-local chat /path/to/model.gguf "
-    "(make one from a downloaded checkpoint with: cascade-local convert CHECKPOINT_DIR -o model.gguf --type q8_0)"
+    "(make one from a downloaded checkpoint with: cascade-local convert CHECKPOINT_DIR -o model.gguf --recipe q4-moe)"
 )
 
 
-def local_path(entry: ModelEntry) -> Path:
-    return models_dir() / entry.name / f"{entry.name}-{entry.default_type}.gguf"
+def local_path(entry: ModelEntry, recipe: str) -> Path:
+    return models_dir() / entry.name / f"{entry.name}-{recipe}.gguf"
 
 
 def resolve_model(spec: str | None) -> Path:
@@ -26,26 +27,27 @@ def resolve_model(spec: str | None) -> Path:
         if path.is_dir():
             if (path / "config.json").exists():
                 raise UsageError(f"{path} is a checkpoint folder; convert it first: "
-                                 f"cascade-local convert {path} -o model.gguf --type q8_0")
+                                 f"cascade-local convert {path} -o model.gguf")
             raise UsageError(f"{path} is a folder, not a model file")
         if path.suffix == ".gguf" or "/" in spec:
             raise ModelNotFoundError(f"model file {path} does not exist")
-    entry = load_registry().get(spec)
-    path = local_path(entry)
+    registry = load_registry()
+    entry = registry.get(spec)
+    recipe = registry.recipe(entry.recipe or None)
+    path = local_path(entry, recipe.name)
     if path.is_file():
         return path
-    return fetch(entry, path)
+    return fetch(entry, recipe, path)
 
 
-def fetch(entry: ModelEntry, target: Path) -> Path:
-    """Download the checkpoint from the Hugging Face Hub and convert it to `target`."""
+def fetch(entry: ModelEntry, recipe: Recipe, target: Path) -> Path:
+    """Download the checkpoint from the Hugging Face Hub and convert it to `target` with `recipe`."""
+    from cascade_local.convert import convert
     from cascade_local.hub import download_checkpoint
 
     checkpoint = download_checkpoint(entry.hf_repo, hint=LOCAL_HINT)
-    from cascade_local.convert import convert, uniform_policy
-
     target.parent.mkdir(parents=True, exist_ok=True)
-    convert(checkpoint, target, uniform_policy(entry.default_type), name=entry.name)
+    convert(checkpoint, target, recipe, name=entry.name)
     return target
 
 

@@ -22,8 +22,10 @@ from cascade_local.errors import ConversionError, UsageError
 from .checkpoint import Checkpoint
 from .encode import encode_rows
 from .gguf_stream import GGUFStreamWriter
+from .imatrix import Imatrix, rows_for
 from .metadata import ARCH, size_label, write_general, write_hparams, write_sampling_defaults
-from .policy import TypePolicy
+from .policy import FLOAT_TYPES
+from .recipes import Recipe
 from .tensor_map import TRANSFORMS, PlannedTensor, TensorClass, Transform, plan_tensors
 from .tokenizer import write_tokenizer
 
@@ -88,14 +90,18 @@ def check_output(out: Path, force: bool) -> None:
 def convert(
     src: Path,
     out: Path,
-    policy: TypePolicy,
+    recipe: Recipe,
     *,
+    imatrix: Imatrix | None = None,
     force: bool = False,
     name: str | None = None,
     threads: int | None = None,
     progress: ConversionProgress | None = None,
 ) -> ConversionResult:
-    """Convert checkpoint folder `src` to GGUF file `out` with tensor types chosen by `policy`."""
+    """Convert checkpoint folder `src` to GGUF file `out` with tensor types chosen by `recipe`.
+
+    `imatrix` (see `load_imatrix`) guides the quantizer for the types that use one.
+    """
     src, out = Path(src), Path(out)
     progress = progress or _NoProgress()
     check_output(out, force)
@@ -103,7 +109,9 @@ def convert(
     ckpt = Checkpoint(src)
     try:
         planned = plan_tensors(ckpt)
+        policy = recipe.resolve(ckpt.config)
         types = [policy.type_for(t) for t in planned]
+        importance = [_importance(imatrix, t, q) for t, q in zip(planned, types, strict=True)]
         writer = GGUFStreamWriter(out, ARCH)
         n_params = sum(t.n_elements for t in planned)
         n_expert_params = sum(t.n_elements for t in planned if t.stacked)
@@ -120,9 +128,9 @@ def convert(
         progress.start(result.source_bytes, len(planned))
         try:
             writer.begin()
-            for tensor, qtype in zip(planned, types, strict=True):
+            for tensor, qtype, rows in zip(planned, types, importance, strict=True):
                 progress.tensor(tensor.name)
-                _stream_tensor(ckpt, tensor, qtype, writer, progress, threads)
+                _stream_tensor(ckpt, tensor, qtype, rows, writer, progress, threads)
             writer.finish()
         except BaseException as exc:
             writer.abort()
@@ -136,18 +144,27 @@ def convert(
     return result
 
 
+def _importance(imatrix: Imatrix | None, tensor: PlannedTensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray | None:
+    if qtype in FLOAT_TYPES:
+        return None
+    n_matrices = tensor.shape[0] if tensor.stacked else 1
+    return rows_for(imatrix, tensor.name, n_matrices, tensor.row_width)
+
+
 def _stream_tensor(
     ckpt: Checkpoint,
     tensor: PlannedTensor,
     qtype: gguf.GGMLQuantizationType,
+    importance: np.ndarray | None,
     writer: GGUFStreamWriter,
     progress: ConversionProgress,
     threads: int | None,
 ) -> None:
     transform = TRANSFORMS[tensor.transform]
     per_source_shape = tensor.shape[1:] if tensor.stacked else tensor.shape
-    for source in tensor.sources:
+    for matrix, source in enumerate(tensor.sources):
         entry = ckpt.entry(source)
+        weights = importance[matrix] if importance is not None else None
         if tensor.transform is Transform.NONE:
             raw, src_dtype = ckpt.raw(source), entry.dtype
         else:
@@ -158,7 +175,7 @@ def _stream_tensor(
         row_bytes = rows.shape[1] * source_bytes_per_value
         for first in range(0, rows.shape[0], step):
             block = rows[first : first + step]
-            writer.write(encode_rows(block, src_dtype, qtype, threads))
+            writer.write(encode_rows(block, src_dtype, qtype, threads, weights))
             progress.advance(block.size * source_bytes_per_value)
             # An embedding or output matrix is 0.7 GB by itself: drop its pages block by block.
             ckpt.release(source, first * row_bytes, (first + len(block)) * row_bytes)

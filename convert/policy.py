@@ -12,14 +12,6 @@ from .tensor_map import PlannedTensor, TensorClass
 
 T = gguf.GGMLQuantizationType
 
-# --type choices: name -> (GGML type, llama.cpp file type recorded in general.file_type)
-UNIFORM_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
-    "f32": (T.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (T.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (T.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (T.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
-
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
 
@@ -50,12 +42,3 @@ class TypePolicy:
     @property
     def is_quantized(self) -> bool:
         return any(t not in FLOAT_TYPES for t in (*self.by_class.values(), *self.by_layer.values()))
-
-
-def uniform_policy(type_name: str) -> TypePolicy:
-    try:
-        qtype, file_type = UNIFORM_TYPES[type_name.lower()]
-    except KeyError:
-        raise UsageError(f"unknown --type {type_name!r}; choose one of {', '.join(UNIFORM_TYPES)}") from None
-    classes = {cls: qtype for cls in TensorClass if cls is not TensorClass.F32_ONLY}
-    return TypePolicy(type_name.lower(), file_type, classes)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cascade_local.convert import convert, uniform_policy
+from cascade_local.convert import convert, uniform_recipe
 
 TESTS = Path(__file__).resolve().parent
 TINY = TESTS / "fixtures" / "tiny"
@@ -58,7 +58,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory):
     def get(type_name: str) -> Path:
         if type_name not in cache:
             out = folder / f"tiny-{type_name}.gguf"
-            convert(TINY, out, uniform_policy(type_name))
+            convert(TINY, out, uniform_recipe(type_name))
             cache[type_name] = out
         return cache[type_name]
 

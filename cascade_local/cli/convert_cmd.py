@@ -13,23 +13,33 @@ from cascade_local.cli.progress_view import ConversionProgressBar, conversion_su
 def convert(
     src: Path = typer.Argument(..., help="Checkpoint folder (config.json, *.safetensors, tokenizer.json)."),
     out: Path = typer.Option(..., "--output", "-o", help="GGUF file to write."),
-    type_: str = typer.Option("bf16", "--type", "-t", help="Weight matrix type: f32, f16, bf16, q8_0."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Quantization recipe from models.toml: "
+                                      "q4-moe (default), q5-moe, q8, small, or one of your own."),
+    type_: str | None = typer.Option(None, "--type", "-t", help="One type for every weight matrix instead of a "
+                                     "recipe: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, mxfp4."),
+    imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     name: str | None = typer.Option(None, "--name", help="Model name stored in the file (default: folder name)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Quantization threads (default: all cores)."),
 ) -> None:
-    """Convert a Nemotron-H MoE checkpoint to GGUF in one streaming pass.
+    """Convert a Nemotron-H MoE checkpoint to GGUF in one streaming pass, quantizing as it goes.
 
     Norms, router, Mamba conv and SSM parameters always stay F32. Progress goes to stderr,
     the output path to stdout.
 
-    Example: cascade-local convert ./Nemotron-Cascade-2-30B-A3B -o cascade2-q8_0.gguf --type q8_0
+    Example: cascade-local convert ./Nemotron-Cascade-2-30B-A3B -o cascade2-q4.gguf --recipe q4-moe
     """
     from cascade_local.convert import convert as run_convert
-    from cascade_local.convert import uniform_policy
+    from cascade_local.convert import load_imatrix, uniform_recipe
+    from cascade_local.errors import UsageError
+    from cascade_local.registry import load_registry
 
-    policy = uniform_policy(type_)
+    if recipe and type_:
+        raise UsageError("give --recipe or --type, not both")
+    chosen = uniform_recipe(type_) if type_ else load_registry().recipe(recipe)
+    importance = load_imatrix(imatrix) if imatrix else None
     with ConversionProgressBar(err_console) as bar:
-        result = run_convert(src, out, policy, force=force, name=name, threads=threads, progress=bar)
+        result = run_convert(src, out, chosen, imatrix=importance, force=force, name=name, threads=threads,
+                             progress=bar)
     err_console.print(conversion_summary(result))
     out_console.print(str(result.path), highlight=False, soft_wrap=True)

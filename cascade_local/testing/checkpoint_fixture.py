@@ -180,6 +180,10 @@ def write_tiny_checkpoint(folder: Path, seed: int = 0, scales: Scales = TINY_SCA
     return write_checkpoint(folder, TINY_CONFIG, seed=seed, scales=scales, shard_bytes=700_000)
 
 
+# As the tiny fixture's, with an output scale that gives the top of 131,072 tokens ~0.4 probability.
+SLICE_SCALES = Scales(output=5.0, router=1.0, router_bias=0.5, expert_down=0.25)
+
+
 def slice_config(pattern: str) -> dict[str, Any]:
     cfg = real_config()
     cfg["hybrid_override_pattern"] = pattern
@@ -189,7 +193,7 @@ def slice_config(pattern: str) -> dict[str, Any]:
 
 def write_slice_checkpoint(folder: Path, pattern: str = "MEM*E", seed: int = 0) -> Path:
     """Real widths, few layers (`MEM*E` is 3.4 B parameters, 6.8 GB); written one tensor at a time."""
-    return write_checkpoint(folder, slice_config(pattern), seed=seed, scales=Scales(output=30.0), shard_bytes=2 << 30)
+    return write_checkpoint(folder, slice_config(pattern), seed=seed, scales=SLICE_SCALES, shard_bytes=2 << 30)
 
 
 def main() -> None:

@@ -1,0 +1,201 @@
+"""Quantization benchmark: cascade-local's one-pass recipes against llama.cpp's two-step quantization.
+
+For each target (the tiny test fixture and/or a real-width slice), in one run and on one machine:
+
+* reference: our BF16 GGUF (`cascade-local convert --type bf16`); its logits are what KL is measured against;
+* baseline: llama.cpp's usual path, that BF16 GGUF then `llama_model_quantize` to Q4_K_M (two steps,
+  an intermediate file as big as the checkpoint); also its MXFP4_MOE and Q4_0 ftypes the same way;
+* ours: each recipe, straight from the safetensors checkpoint in one pass.
+
+Every conversion runs in its own child process (wall time, peak RSS from wait4). Quality: mean KL
+divergence of each GGUF's next-token distribution from the BF16 GGUF's, and top-1 agreement, over
+fixed token sequences (320 positions), computed by llama.cpp itself. Sizes are tensor bytes, so bits
+per weight are comparable across files. Ratios are to the Q4_K_M baseline measured in the same run.
+
+    .venv/bin/python bench/quant_bench.py [--targets tiny slice] [--recipes q4-moe q5-moe q8 small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_bench import (
+    cpu_model,
+    drop_page_cache,
+    ensure_slice,
+    meminfo_kb,
+    run_child,
+    slice_dir_name,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+SEQUENCES, SEQ_LEN, TOKEN_RANGE = 4, 80, (20, 779)  # ids the fixture tokenizer really has
+
+LLAMA_FTYPES = {"Q4_K_M": 15, "MXFP4_MOE": 38, "Q4_0": 2}
+
+QUANTIZE_CHILD = """
+import ctypes, sys
+from cascade_local.llama_log import quiet_llama
+quiet_llama()
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = int(sys.argv[3])
+params.nthread = 0
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+
+# Prints one JSON line: tensor bytes, parameters, and (unless it is the reference) KL and top-1
+# agreement against the reference logits saved by the reference run.
+QUALITY_CHILD = """
+import json, sys
+import numpy as np, gguf
+from cascade_local.llama_log import quiet_llama
+quiet_llama()
+from llama_cpp import Llama
+path, ref_path, n_seq, seq_len, lo, hi = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+reader = gguf.GGUFReader(path)
+tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+params = sum(int(t.n_elements) for t in reader.tensors)
+rng = np.random.default_rng(7)
+llm = Llama(path, n_ctx=seq_len + 8, n_batch=seq_len, logits_all=True, n_threads=2, verbose=False)
+logits = []
+for _ in range(n_seq):
+    ids = [int(x) for x in rng.integers(lo, hi, size=seq_len)]
+    llm.reset()
+    llm.eval(ids)
+    logits.append(np.array(llm.scores[:seq_len], dtype=np.float32))
+logits = np.concatenate(logits)
+result = {"tensor_bytes": tensor_bytes, "params": params}
+if ref_path == "-":
+    np.save(sys.argv[7], logits)
+else:
+    ref = np.load(ref_path).astype(np.float64)
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(ref), log_softmax(logits.astype(np.float64))
+    result["kl"] = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    result["top1"] = float((ref.argmax(-1) == logits.argmax(-1)).mean())
+    result["top_p"] = float(np.exp(lp).max(-1).mean())
+print(json.dumps(result))
+"""
+
+
+@dataclass
+class Row:
+    name: str
+    wall: float
+    rss: int
+    intermediate: int
+    tensor_bytes: int = 0
+    params: int = 0
+    kl: float | None = None
+    top1: float | None = None
+
+
+def log(message: str) -> None:
+    print(f"[quant_bench] {message}", file=sys.stderr, flush=True)
+
+
+def timed(cmd: list[str], log_path: Path, what: str) -> tuple[float, int]:
+    wall, rss, code, output = run_child(cmd, log_path)
+    if code != 0:
+        raise SystemExit(f"error: {what} failed (exit {code}):\n{output[-2000:]}")
+    return wall, rss
+
+
+def quality(gguf: Path, ref: Path | None, work: Path) -> dict:
+    cmd = [sys.executable, "-c", QUALITY_CHILD, str(gguf), str(ref) if ref else "-", str(SEQUENCES), str(SEQ_LEN),
+           *map(str, TOKEN_RANGE), str(work / "ref_logits.npy")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: evaluating {gguf.name} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def shards(src: Path) -> list[Path]:
+    return sorted(src.glob("*.safetensors"))
+
+
+def run_target(label: str, src: Path, recipes: list[str], work: Path) -> list[Row]:
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "cascade_local", "convert", str(src), "--force"]
+    bf16 = work / "bf16.gguf"
+    log(f"{label}: reference BF16 GGUF")
+    drop_page_cache(shards(src))
+    bf16_wall, bf16_rss = timed([*cli, "-o", str(bf16), "--type", "bf16"], work / "bf16.log", "BF16 conversion")
+    ref = quality(bf16, None, work)
+    rows = [Row("cascade-local --type bf16 (reference)", bf16_wall, bf16_rss, 0, ref["tensor_bytes"], ref["params"])]
+    for ftype_name, ftype in LLAMA_FTYPES.items():
+        log(f"{label}: llama.cpp BF16 GGUF -> {ftype_name}")
+        out = work / f"llama-{ftype_name}.gguf"
+        drop_page_cache([bf16])
+        wall, rss = timed([sys.executable, "-c", QUANTIZE_CHILD, str(bf16), str(out), str(ftype)],
+                          work / f"llama-{ftype_name}.log", f"llama_model_quantize {ftype_name}")
+        q = quality(out, work / "ref_logits.npy", work)
+        rows.append(Row(f"llama.cpp two-step {ftype_name}", bf16_wall + wall, max(bf16_rss, rss), bf16.stat().st_size,
+                        q["tensor_bytes"], q["params"], q["kl"], q["top1"]))
+        out.unlink()
+    for recipe in recipes:
+        log(f"{label}: cascade-local --recipe {recipe}")
+        out = work / f"ours-{recipe}.gguf"
+        drop_page_cache(shards(src))
+        wall, rss = timed([*cli, "-o", str(out), "--recipe", recipe], work / f"ours-{recipe}.log", f"recipe {recipe}")
+        q = quality(out, work / "ref_logits.npy", work)
+        rows.append(Row(f"cascade-local --recipe {recipe}", wall, rss, 0, q["tensor_bytes"], q["params"], q["kl"],
+                        q["top1"]))
+        out.unlink()
+    bf16.unlink()
+    log(f"{label}: reference top-token probability averages {ref.get('top_p', 0):.2f}")
+    return rows
+
+
+def table(label: str, rows: list[Row]) -> list[str]:
+    base = next(r for r in rows if r.name.endswith("Q4_K_M"))
+    lines = [f"**{label}**", "",
+             "| step | size MB | bits/weight | size vs Q4_K_M | mean KL | top-1 | wall s | wall vs Q4_K_M "
+             "| peak RSS GB | RSS vs Q4_K_M | intermediate GB |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        kl = f"{r.kl:.2e}" if r.kl is not None else "-"
+        top1 = f"{100 * r.top1:.1f}%" if r.top1 is not None else "-"
+        lines.append(
+            f"| {r.name} | {r.tensor_bytes / 1e6:.1f} | {8 * r.tensor_bytes / r.params:.2f} "
+            f"| {r.tensor_bytes / base.tensor_bytes:.2f} | {kl} | {top1} | {r.wall:.1f} | {r.wall / base.wall:.2f} "
+            f"| {r.rss / 1e9:.2f} | {r.rss / base.rss:.2f} | {r.intermediate / 1e9:.2f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", default=["tiny", "slice"], choices=["tiny", "slice"])
+    parser.add_argument("--recipes", nargs="+", default=["q4-moe", "q5-moe", "q8", "small"])
+    parser.add_argument("--pattern", default="MEM*E", help="layer pattern of the slice")
+    args = parser.parse_args()
+    header = (f"Quantization benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs "
+              f"({cpu_model()}), {meminfo_kb('MemTotal') / 1e6:.1f} GB RAM; KL over {SEQUENCES * SEQ_LEN} positions")
+    lines = [header, ""]
+    for target in args.targets:
+        if target == "tiny":
+            src = ROOT / "tests" / "fixtures" / "tiny"
+        else:
+            src = OUT / slice_dir_name(args.pattern)
+            ensure_slice(src, args.pattern, seed=0)
+        rows = run_target(target, src, args.recipes, OUT / f"quant-{target}")
+        lines += [*table(f"{target}: {src.name}", rows), ""]
+    text = "\n".join(lines)
+    print(text)
+    (OUT / "quant_bench.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
