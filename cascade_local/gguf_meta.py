@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cascade_local.errors import ModelLoadError
+from cascade_local.gguf_info import read_gguf
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """Every key-value pair, decoded (strings as str, arrays as lists)."""
-    import gguf
+    """Every key-value pair, decoded in full (strings as str, arrays as lists).
 
-    try:
-        reader = gguf.GGUFReader(path)
-        return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
-    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
+    The file is checked as untrusted input first (see `gguf_info`): a damaged or hostile header raises
+    ModelLoadError instead of reaching llama.cpp.
+    """
+    return read_gguf(path).metadata

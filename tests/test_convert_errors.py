@@ -134,7 +134,7 @@ def test_disk_full_midway(tiny_dir, tmp_path):
 def test_unknown_type(tiny_dir, tmp_path):
     out = tmp_path / "o.gguf"
     result = convert(tiny_dir, out, "--type", "q3_x")
-    assert_clean_failure(result, out, 1, "unknown --type 'q3_x'")
+    assert_clean_failure(result, out, 1, "--type: unknown type 'q3_x'")
 
 
 @pytest.fixture(scope="module")

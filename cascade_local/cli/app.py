@@ -38,10 +38,11 @@ def root(
 
 
 def _register() -> None:
-    from cascade_local.cli import chat_cmd, convert_cmd
+    from cascade_local.cli import chat_cmd, convert_cmd, info_cmd
 
     app.command("convert")(convert_cmd.convert)
     app.command("chat")(chat_cmd.chat)
+    app.command("info")(info_cmd.info)
 
 
 def _silence_stdout() -> None:
