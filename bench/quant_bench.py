@@ -26,6 +26,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+from cascade_local.convert.hf_config import NemotronHConfig
+from cascade_local.convert.tensor_map import TensorClass
+
+from cascade_local.registry import load_registry
+from cascade_local.testing.checkpoint_fixture import real_config
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_bench import (
     cpu_model,
@@ -74,7 +81,12 @@ for _ in range(n_seq):
     llm.eval(ids)
     logits.append(np.array(llm.scores[:seq_len], dtype=np.float32))
 logits = np.concatenate(logits)
-result = {"tensor_bytes": tensor_bytes, "params": params}
+from collections import defaultdict
+from cascade_local.model_summary import tensor_class
+types = defaultdict(set)
+for t in reader.tensors:
+    types[tensor_class(t.name)].add(t.tensor_type.name)
+result = {"tensor_bytes": tensor_bytes, "params": params, "types": {k: "/".join(sorted(v)) for k, v in types.items()}}
 if ref_path == "-":
     np.save(sys.argv[7], logits)
 else:
@@ -100,6 +112,7 @@ class Row:
     params: int = 0
     kl: float | None = None
     top1: float | None = None
+    types: dict[str, str] | None = None  # tensor class -> types used, as `info` reports them
 
 
 def log(message: str) -> None:
@@ -143,7 +156,7 @@ def run_target(label: str, src: Path, recipes: list[str], work: Path) -> list[Ro
                           work / f"llama-{ftype_name}.log", f"llama_model_quantize {ftype_name}")
         q = quality(out, work / "ref_logits.npy", work)
         rows.append(Row(f"llama.cpp two-step {ftype_name}", bf16_wall + wall, max(bf16_rss, rss), bf16.stat().st_size,
-                        q["tensor_bytes"], q["params"], q["kl"], q["top1"]))
+                        q["tensor_bytes"], q["params"], q["kl"], q["top1"], q["types"]))
         out.unlink()
     for recipe in recipes:
         log(f"{label}: cascade-local --recipe {recipe}")
@@ -152,7 +165,7 @@ def run_target(label: str, src: Path, recipes: list[str], work: Path) -> list[Ro
         wall, rss = timed([*cli, "-o", str(out), "--recipe", recipe], work / f"ours-{recipe}.log", f"recipe {recipe}")
         q = quality(out, work / "ref_logits.npy", work)
         rows.append(Row(f"cascade-local --recipe {recipe}", wall, rss, 0, q["tensor_bytes"], q["params"], q["kl"],
-                        q["top1"]))
+                        q["top1"], q["types"]))
         out.unlink()
     bf16.unlink()
     log(f"{label}: reference top-token probability averages {ref.get('top_p', 0):.2f}")
@@ -172,6 +185,57 @@ def table(label: str, rows: list[Row]) -> list[str]:
             f"| {r.name} | {r.tensor_bytes / 1e6:.1f} | {8 * r.tensor_bytes / r.params:.2f} "
             f"| {r.tensor_bytes / base.tensor_bytes:.2f} | {kl} | {top1} | {r.wall:.1f} | {r.wall / base.wall:.2f} "
             f"| {r.rss / 1e9:.2f} | {r.rss / base.rss:.2f} | {r.intermediate / 1e9:.2f} |")
+    classes = ["expert_up", "expert_down", "shared_up", "shared_down", "mamba_in", "mamba_out", "attn_qkv",
+               "attn_out", "token_embd", "output"]
+    lines += ["", "Types chosen per tensor class:", "", "| step | " + " | ".join(classes) + " |",
+              "|---|" + "---|" * len(classes)]
+    for r in rows:
+        if r.types:
+            lines.append(f"| {r.name} | " + " | ".join(r.types.get(c, "-") for c in classes) + " |")
+    return lines
+
+
+def projected_full_model(recipes: list[str]) -> list[str]:
+    """Each recipe's size on the real model, from the published config's per-class parameter counts."""
+    cfg = NemotronHConfig.from_dict(real_config())
+    h = cfg.hidden_size
+    n_moe, n_mamba, n_attn = len(cfg.layers_of("E")), len(cfg.layers_of("M")), len(cfg.layers_of("*"))
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    params = {
+        TensorClass.EXPERT_UP: n_moe * cfg.n_routed_experts * cfg.moe_intermediate_size * h,
+        TensorClass.EXPERT_DOWN: n_moe * cfg.n_routed_experts * cfg.moe_intermediate_size * h,
+        TensorClass.SHARED_UP: n_moe * cfg.moe_shared_expert_intermediate_size * h,
+        TensorClass.SHARED_DOWN: n_moe * cfg.moe_shared_expert_intermediate_size * h,
+        TensorClass.MAMBA_IN: n_mamba * cfg.mamba_in_proj_dim * h,
+        TensorClass.MAMBA_OUT: n_mamba * cfg.mamba_d_inner * h,
+        TensorClass.ATTN_QKV: n_attn * (q + 2 * kv) * h,
+        TensorClass.ATTN_OUT: n_attn * q * h,
+        TensorClass.TOKEN_EMBD: cfg.vocab_size * h,
+        TensorClass.OUTPUT: cfg.vocab_size * h,
+    }
+    small = (n_mamba * (cfg.mamba_conv_dim * (cfg.conv_kernel + 1) + 3 * cfg.mamba_num_heads + cfg.mamba_d_inner)
+             + n_moe * cfg.n_routed_experts * (h + 1) + (cfg.n_layers + 1) * h)
+    total = sum(params.values()) + small
+
+    def bits(qtype: gguf.GGMLQuantizationType) -> float:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        return 8 * size / block
+
+    registry = load_registry()
+    lines = [f"**Projected on the full model** ({total / 1e9:.2f} B parameters; llama.cpp's Q4_K_M file: 24.7 GB)", "",
+             "| recipe | size GB | bits/weight | size vs 24.7 GB |", "|---|--:|--:|--:|"]
+    for name in recipes:
+        policy = registry.recipe(name).resolve(cfg)
+        moe_layers = cfg.layers_of("E")
+        total_bits = 32.0 * small
+        for cls, count in params.items():
+            if cls in (TensorClass.EXPERT_UP, TensorClass.EXPERT_DOWN):
+                per_layer = count / len(moe_layers)
+                total_bits += sum(per_layer * bits(policy.by_layer.get((cls, i), policy.by_class[cls]))
+                                  for i in moe_layers)
+            else:
+                total_bits += count * bits(policy.by_class[cls])
+        lines.append(f"| {name} | {total_bits / 8e9:.1f} | {total_bits / total:.2f} | {total_bits / 8e9 / 24.7:.2f} |")
     return lines
 
 
@@ -192,6 +256,7 @@ def main() -> None:
             ensure_slice(src, args.pattern, seed=0)
         rows = run_target(target, src, args.recipes, OUT / f"quant-{target}")
         lines += [*table(f"{target}: {src.name}", rows), ""]
+    lines += projected_full_model(args.recipes)
     text = "\n".join(lines)
     print(text)
     (OUT / "quant_bench.md").write_text(text + "\n")

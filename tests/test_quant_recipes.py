@@ -97,13 +97,19 @@ def test_imatrix_changes_the_result(tiny_dir, tmp_path):
 
 
 def test_overrides_select_first_and_last_moe_layers(tiny_dir):
-    recipe = load_registry().recipe("q4-moe")
+    from cascade_local.convert.hf_config import NemotronHConfig
+    from cascade_local.testing.checkpoint_fixture import TINY_CONFIG
+
+    cfg = NemotronHConfig.from_dict({**TINY_CONFIG, "hybrid_override_pattern": "MEME*MEME", "num_hidden_layers": 9})
+    policy = load_registry().recipe("q5-moe").resolve(cfg)
+    bumped = sorted({layer for (_, layer) in policy.by_layer})
+    assert bumped == [1, 8]  # MoE layers are 1, 3, 6, 8: only the first and the last are raised
+    assert policy.by_layer[(TensorClass.EXPERT_DOWN, 8)] == T.Q8_0
+    assert policy.by_class[TensorClass.EXPERT_DOWN] == T.Q5_0
+
     ckpt = Checkpoint(tiny_dir)
-    policy = recipe.resolve(ckpt.config)
-    by_name = {t.name: policy.type_for(t) for t in plan_tensors(ckpt)}
-    # The tiny model's MoE layers are 1 and 4: both are first or last, so both get the override.
-    assert by_name["blk.1.ffn_up_exps.weight"] == T.Q5_0 and by_name["blk.4.ffn_down_exps.weight"] == T.Q5_0
-    assert by_name["blk.0.ssm_in.weight"] == T.Q8_0 and by_name["token_embd.weight"] == T.Q4_0
+    by_name = {t.name: load_registry().recipe("q4-moe").resolve(ckpt.config).type_for(t) for t in plan_tensors(ckpt)}
+    assert by_name["blk.1.ffn_up_exps.weight"] == T.MXFP4 and by_name["token_embd.weight"] == T.Q5_1
     assert by_name["blk.0.ssm_a"] == T.F32 and by_name["blk.1.ffn_gate_inp.weight"] == T.F32
 
 
@@ -210,3 +216,32 @@ def test_imatrix_for_another_model_is_refused(tmp_path, tiny_dir):
     with pytest.raises(UsageError, match="made for another model"):
         convert(tiny_dir, tmp_path / "x.gguf", uniform_recipe("q4_0"), imatrix=wrong)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("recipe", ["q4-moe", "q5-moe", "q8", "small"])
+def test_every_recipe_loads_generates_and_info_reports_its_types(tiny_dir, tmp_path, recipe):
+    from cascade_local.gguf_info import read_gguf
+    from cascade_local.model_summary import summarize
+
+    chosen = load_registry().recipe(recipe)
+    out = tmp_path / f"{recipe}.gguf"
+    convert(tiny_dir, out, chosen)
+
+    summary = {c.name: set(c.types) for c in summarize(read_gguf(out)).classes}
+    ckpt = Checkpoint(tiny_dir)
+    policy = chosen.resolve(ckpt.config)
+    expected: dict[str, set[str]] = {}
+    for t in plan_tensors(ckpt):
+        expected.setdefault(t.cls.value, set()).add(policy.type_for(t).name)
+    assert summary == expected
+
+    quiet_llama()
+    from llama_cpp import Llama
+
+    llm = Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
+    tokens: list[int] = []
+    for token in llm.generate([10, 20, 30, 40], temp=0.0):
+        tokens.append(token)
+        if len(tokens) == 8:
+            break
+    assert len(tokens) == 8 and all(0 <= t < 1024 for t in tokens)
