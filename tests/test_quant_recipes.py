@@ -98,6 +98,7 @@ def test_imatrix_changes_the_result(tiny_dir, tmp_path):
 
 def test_overrides_select_first_and_last_moe_layers(tiny_dir):
     from cascade_local.convert.hf_config import NemotronHConfig
+
     from cascade_local.testing.checkpoint_fixture import TINY_CONFIG
 
     cfg = NemotronHConfig.from_dict({**TINY_CONFIG, "hybrid_override_pattern": "MEME*MEME", "num_hidden_layers": 9})
