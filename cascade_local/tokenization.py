@@ -33,13 +33,18 @@ class HFTokenizer:
 
 
 class LlamaCppTokenizer:
+    """Anything with llama-cpp-python's `tokenize(bytes, add_bos=, special=)` or our `tokenize(str, add_bos=)`."""
+
     exact = False
 
-    def __init__(self, llm: Any):
-        self._llm = llm
+    def __init__(self, model: Any):
+        self._model = model
 
     def encode(self, text: str, *, add_bos: bool) -> list[int]:
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        try:
+            return self._model.tokenize(text, add_bos=add_bos)
+        except TypeError:  # llama_cpp.Llama takes bytes and a `special` flag
+            return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
 
 def prompt_tokenizer(metadata: dict[str, Any], llm: Any) -> PromptTokenizer:

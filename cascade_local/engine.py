@@ -1,0 +1,273 @@
+"""The generation engine: several sequences decoded together in one llama.cpp batch.
+
+One llama_context holds `n_seq_max` sequences (each with its own Mamba state and KV cells). New
+requests are admitted as others finish (continuous batching); each step decodes one token for every
+active sequence in a single `llama_decode`, then samples each with its own sampler chain. Text is
+detokenized incrementally (never a broken UTF-8 sequence) and split into reasoning and answer; a
+thinking budget closes the thought by injecting `</think>` when the model has not.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from cascade_local.errors import CascadeError, UsageError
+from cascade_local.llama_model import LoadedModel
+from cascade_local.sampling import SamplerChain, SamplingParams
+from cascade_local.thinking import ThinkingSplitter
+
+FinishReason = Literal["stop", "length", "cancelled"]
+CLOSE_THINKING = "\n</think>\n\n"
+
+
+class DecodeError(CascadeError):
+    exit_code = 2
+
+
+class Sampler(Protocol):
+    """Chooses each token. The real one is a llama.cpp sampler chain; tests may script the choices."""
+
+    def sample(self, ctx: Any, output_index: int) -> int: ...
+    def accept(self, token: int) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_tokens: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 4096
+    in_reasoning: bool = False  # the prompt opened <think> (thinking mode)
+    thinking_budget: int | None = None  # reasoning tokens before the engine closes the thought
+    tag: Any = None  # the caller's id, handed back in events
+
+
+@dataclass
+class Result:
+    content: str = ""
+    reasoning: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    finish_reason: FinishReason = "stop"
+    budget_closed: bool = False  # the engine, not the model, ended the reasoning
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """A piece of streamed text (`reasoning` or `content`), or `done` with the final result."""
+
+    tag: Any
+    kind: Literal["reasoning", "content", "done"]
+    text: str = ""
+    result: Result | None = None
+
+
+@dataclass
+class _Slot:
+    seq: int
+    request: Request
+    sampler: Sampler
+    splitter: ThinkingSplitter
+    decoder: codecs.IncrementalDecoder
+    result: Result
+    pos: int = 0
+    pending: list[int] = field(default_factory=list)  # tokens to feed at the next decode
+    started: float = 0.0
+    generated: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Decodes up to `n_seq_max` requests at once on one context of `n_ctx` tokens in total."""
+
+    def __init__(self, model: LoadedModel, *, n_ctx: int = 8192, n_seq_max: int = 1, n_batch: int = 512,
+                 threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] = SamplerChain):
+        import llama_cpp
+
+        if n_seq_max < 1:
+            raise UsageError("parallel sequences must be at least 1")
+        self._lib = llama_cpp
+        self.model = model
+        self.n_seq_max = n_seq_max
+        self._sampler_factory = sampler_factory
+        self.n_batch = max(n_batch, n_seq_max)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = n_seq_max
+        if threads:
+            params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if not self.ctx:
+            raise DecodeError(f"llama.cpp could not create a context of {n_ctx} tokens for {n_seq_max} sequences")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._close_tokens = model.tokenize(CLOSE_THINKING)
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    def stream(self, request: Request) -> Iterator[Event]:
+        """One request; yields its text pieces, then `done`."""
+        yield from self.stream_many([request])
+
+    def stream_many(self, requests: Iterable[Request]) -> Iterator[Event]:
+        """Runs requests `n_seq_max` at a time, admitting the next as one finishes; events interleave."""
+        queue = deque(requests)
+        slots: dict[int, _Slot] = {}
+        try:
+            while queue or slots:
+                for seq in range(self.n_seq_max):
+                    if seq not in slots and queue:
+                        slot = self._admit(seq, queue.popleft())
+                        slots[seq] = slot
+                        yield from self._after_sample(slots, slot, slot.sampler.sample(self.ctx, -1))
+                if slots:
+                    yield from self._step(slots)
+        finally:
+            for slot in slots.values():
+                slot.sampler.close()
+                self._forget(slot.seq)
+
+    def generate(self, request: Request) -> Result:
+        """Runs one request to completion and returns its result."""
+        return self.generate_many([request])[0]
+
+    def generate_many(self, requests: list[Request]) -> list[Result]:
+        results: dict[int, Result] = {}
+        tagged = [Request(**{**r.__dict__, "tag": i}) for i, r in enumerate(requests)]
+        for event in self.stream_many(tagged):
+            if event.kind == "done":
+                assert event.result is not None
+                results[event.tag] = event.result
+        return [results[i] for i in range(len(requests))]
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _forget(self, seq: int) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+    def _admit(self, seq: int, request: Request) -> _Slot:
+        tokens = request.prompt_tokens
+        if not tokens:
+            raise UsageError("empty prompt")
+        per_seq = self.n_ctx // self.n_seq_max
+        if len(tokens) + 1 > per_seq:
+            raise UsageError(f"prompt of {len(tokens)} tokens does not fit the context "
+                             f"({self.n_ctx} tokens shared by {self.n_seq_max} sequences)")
+        self._forget(seq)
+        slot = _Slot(seq, request, self._sampler_factory(request.sampling), ThinkingSplitter(request.in_reasoning),
+                     codecs.getincrementaldecoder("utf-8")(errors="replace"),
+                     Result(prompt_tokens=len(tokens)))
+        started = time.perf_counter()
+        for first in range(0, len(tokens), self.n_batch):
+            chunk = tokens[first : first + self.n_batch]
+            last_chunk = first + self.n_batch >= len(tokens)
+            self._fill([(seq, t, first + i, last_chunk and i == len(chunk) - 1) for i, t in enumerate(chunk)])
+            self._decode()
+        slot.pos = len(tokens)
+        slot.started = time.perf_counter()
+        slot.result.prompt_seconds = slot.started - started
+        return slot
+
+    def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """Batch rows of (sequence, token, position, wants logits)."""
+        b = self._batch
+        for i, (seq, token, pos, logits) in enumerate(entries):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(entries)
+
+    def _decode(self) -> None:
+        rc = self._lib.llama_decode(self.ctx, self._batch)
+        if rc != 0:
+            raise DecodeError(f"llama_decode failed ({rc}): the context is full or memory ran out")
+
+    def _step(self, slots: dict[int, _Slot]) -> Iterator[Event]:
+        entries: list[tuple[int, int, int, bool]] = []
+        rows: list[tuple[_Slot, int]] = []
+        for slot in slots.values():
+            for k, token in enumerate(slot.pending):
+                last = k == len(slot.pending) - 1
+                entries.append((slot.seq, token, slot.pos, last))
+                if last:
+                    rows.append((slot, len(entries) - 1))
+                slot.pos += 1
+            slot.pending = []
+        self._fill(entries)
+        self._decode()
+        for slot, row in rows:
+            yield from self._after_sample(slots, slot, slot.sampler.sample(self.ctx, row))
+
+    def _after_sample(self, slots: dict[int, _Slot], slot: _Slot, token: int) -> Iterator[Event]:
+        request, result = slot.request, slot.result
+        if self.model.is_eog(token):
+            yield from self._finish(slots, slot, "stop")
+            return
+        result.completion_tokens += 1
+        slot.generated.append(token)
+        if slot.splitter.in_reasoning:
+            result.reasoning_tokens += 1
+        feed = [token]
+        yield from self._emit(slot, self.model.piece(token))
+        budget = request.thinking_budget
+        if budget is not None and slot.splitter.in_reasoning and result.reasoning_tokens >= budget:
+            # The model would think on; close the thought for it, as if it had written the tag itself.
+            for injected in self._close_tokens:
+                slot.sampler.accept(injected)
+            feed += self._close_tokens
+            result.budget_closed = True
+            yield from self._emit(slot, b"".join(self.model.piece(t) for t in self._close_tokens))
+        if result.completion_tokens >= request.max_tokens:
+            yield from self._finish(slots, slot, "length")
+            return
+        if slot.pos + len(feed) >= self.n_ctx // self.n_seq_max:
+            yield from self._finish(slots, slot, "length")
+            return
+        slot.pending = feed
+
+    def _emit(self, slot: _Slot, data: bytes) -> Iterator[Event]:
+        for piece in slot.splitter.feed(slot.decoder.decode(data)):
+            yield Event(slot.request.tag, piece.kind, piece.text)
+
+    def _finish(self, slots: dict[int, _Slot], slot: _Slot, reason: FinishReason) -> Iterator[Event]:
+        yield from self._emit(slot, b"")
+        for piece in [*slot.splitter.feed(slot.decoder.decode(b"", final=True)), *slot.splitter.flush()]:
+            yield Event(slot.request.tag, piece.kind, piece.text)
+        result = slot.result
+        result.finish_reason = reason
+        result.content, result.reasoning = slot.splitter.content.strip(), slot.splitter.reasoning.strip()
+        result.generation_seconds = time.perf_counter() - slot.started
+        slot.sampler.close()
+        self._forget(slot.seq)
+        del slots[slot.seq]
+        yield Event(slot.request.tag, "done", result=result)

@@ -1,0 +1,98 @@
+"""A GGUF model loaded through llama.cpp's low-level API, with its chat template and exact tokenizer."""
+
+from __future__ import annotations
+
+import ctypes
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cascade_local.chat_template import ChatTemplate
+from cascade_local.errors import ModelLoadError
+from cascade_local.gguf_meta import read_metadata
+from cascade_local.llama_log import quiet_llama, recent_lines
+from cascade_local.tokenization import PromptTokenizer, prompt_tokenizer
+
+SUPPORTED_ARCHITECTURES = ("nemotron_h_moe",)
+
+
+def default_template() -> str:
+    return resources.files("cascade_local").joinpath("templates/nemotron-cascade-2.jinja").read_text(encoding="utf-8")
+
+
+class LoadedModel:
+    """Owns a llama_model. `overrides` is a NULL-terminated tensor_buft_overrides array kept alive here."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, overrides: Any = None):
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path)
+        arch = self.metadata.get("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(f"{self.path.name} is a {arch or 'unknown'} model; cascade-local runs "
+                                 f"{', '.join(SUPPORTED_ARCHITECTURES)} (Nemotron-Cascade-2) models")
+        quiet_llama()
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._overrides = overrides  # the model keeps pointers into it until freed
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            said = [line for line in recent_lines() if "error" in line.lower() or "failed" in line.lower()]
+            reason = said[-1].strip() if said else "unknown reason"
+            raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.tokenizer: PromptTokenizer = prompt_tokenizer(self.metadata, self)
+        self.add_bos = bool(self.metadata.get("tokenizer.ggml.add_bos_token", False))
+        tokens = self.metadata.get("tokenizer.ggml.tokens") or []
+
+        def token_text(key: str) -> str:
+            tid = self.metadata.get(key)
+            return tokens[tid] if isinstance(tid, int) and 0 <= tid < len(tokens) else ""
+
+        self.template = ChatTemplate(
+            self.metadata.get("tokenizer.chat_template") or default_template(),
+            bos_token=token_text("tokenizer.ggml.bos_token_id"),
+            eos_token=token_text("tokenizer.ggml.eos_token_id"),
+        )
+
+    # -- tokens ---------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """llama.cpp's own tokenizer (special tokens parsed); used where no exact tokenizer is embedded."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (self._lib.llama_token * capacity)()
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, True)
+        if n < 0:
+            capacity = -n
+            buf = (self._lib.llama_token * capacity)()
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, True)
+        return list(buf[:n])
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=self.add_bos)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token stands for, special tokens included (so `</think>` is visible)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self._lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        self.close()
