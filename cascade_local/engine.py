@@ -10,6 +10,7 @@ thinking budget closes the thought by injecting `</think>` when the model has no
 from __future__ import annotations
 
 import codecs
+import ctypes
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,20 @@ class Sampler(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass
+class PromptCache:
+    """The state of a sequence right after its last prompt was evaluated (Mamba state and KV cells).
+
+    Mamba layers keep one running state, not per-token entries, so an evaluated prefix cannot be cut
+    back to a shorter one. A chat's next prompt extends the previous *prompt* (the template drops the
+    old reasoning, so it does not extend the generated tokens): restoring this snapshot and feeding
+    only the new suffix gives the same state as evaluating everything again.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    state: bytes = b""
+
+
 @dataclass(frozen=True)
 class Request:
     prompt_tokens: list[int]
@@ -45,6 +60,8 @@ class Request:
     in_reasoning: bool = False  # the prompt opened <think> (thinking mode)
     thinking_budget: int | None = None  # reasoning tokens before the engine closes the thought
     tag: Any = None  # the caller's id, handed back in events
+    cache: PromptCache | None = None  # reuse (and update) a snapshot of an earlier prompt
+    cache_prefix: int | None = None  # snapshot after this many prompt tokens (default: all of them)
 
 
 @dataclass
@@ -52,6 +69,7 @@ class Result:
     content: str = ""
     reasoning: str = ""
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, restored from a PromptCache instead of evaluated
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     finish_reason: FinishReason = "stop"
@@ -186,15 +204,44 @@ class Engine:
                      codecs.getincrementaldecoder("utf-8")(errors="replace"),
                      Result(prompt_tokens=len(tokens)))
         started = time.perf_counter()
-        for first in range(0, len(tokens), self.n_batch):
-            chunk = tokens[first : first + self.n_batch]
-            last_chunk = first + self.n_batch >= len(tokens)
-            self._fill([(seq, t, first + i, last_chunk and i == len(chunk) - 1) for i, t in enumerate(chunk)])
-            self._decode()
+        done = self._restore(seq, request.cache, tokens)
+        slot.result.cached_tokens = done
+        cut = len(tokens) if request.cache_prefix is None else max(done, min(request.cache_prefix, len(tokens) - 1))
+        if request.cache is not None:
+            self._evaluate(seq, tokens, done, cut, logits_at_end=False)
+            request.cache.tokens, request.cache.state = list(tokens[:cut]), self._snapshot(seq)
+            done = cut
+        self._evaluate(seq, tokens, done, len(tokens), logits_at_end=True)
         slot.pos = len(tokens)
         slot.started = time.perf_counter()
         slot.result.prompt_seconds = slot.started - started
         return slot
+
+    def _evaluate(self, seq: int, tokens: list[int], start: int, end: int, *, logits_at_end: bool) -> None:
+        for first in range(start, end, self.n_batch):
+            chunk = tokens[first : min(end, first + self.n_batch)]
+            last = first + len(chunk) >= end
+            self._fill([(seq, t, first + i, logits_at_end and last and i == len(chunk) - 1)
+                        for i, t in enumerate(chunk)])
+            self._decode()
+
+    def _restore(self, seq: int, cache: PromptCache | None, tokens: list[int]) -> int:
+        """Load the cached state if the new prompt strictly extends the cached one; tokens already done."""
+        if cache is None or not cache.state or len(tokens) <= len(cache.tokens) or not cache.tokens:
+            return 0
+        if tokens[: len(cache.tokens)] != cache.tokens:
+            return 0
+        buf = (ctypes.c_ubyte * len(cache.state)).from_buffer_copy(cache.state)
+        if self._lib.llama_state_seq_set_data(self.ctx, buf, len(cache.state), seq) == 0:
+            self._forget(seq)
+            return 0
+        return len(cache.tokens)
+
+    def _snapshot(self, seq: int) -> bytes:
+        size = self._lib.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_ubyte * size)()
+        written = self._lib.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return bytes(buf[:written])
 
     def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """Batch rows of (sequence, token, position, wants logits)."""

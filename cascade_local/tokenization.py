@@ -33,7 +33,7 @@ class HFTokenizer:
 
 
 class LlamaCppTokenizer:
-    """Anything with llama-cpp-python's `tokenize(bytes, add_bos=, special=)` or our `tokenize(str, add_bos=)`."""
+    """llama.cpp's own tokenizer, through a loaded model's `tokenize(text, add_bos=)`."""
 
     exact = False
 
@@ -41,15 +41,12 @@ class LlamaCppTokenizer:
         self._model = model
 
     def encode(self, text: str, *, add_bos: bool) -> list[int]:
-        try:
-            return self._model.tokenize(text, add_bos=add_bos)
-        except TypeError:  # llama_cpp.Llama takes bytes and a `special` flag
-            return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return self._model.tokenize(text, add_bos=add_bos)
 
 
-def prompt_tokenizer(metadata: dict[str, Any], llm: Any) -> PromptTokenizer:
+def prompt_tokenizer(metadata: dict[str, Any], model: Any) -> PromptTokenizer:
     source = metadata.get(HF_JSON_KEY)
     if isinstance(source, str) and source:
         bos = metadata.get("tokenizer.ggml.bos_token_id")
         return HFTokenizer(source, bos if isinstance(bos, int) else None)
-    return LlamaCppTokenizer(llm)
+    return LlamaCppTokenizer(model)

@@ -45,7 +45,7 @@ def test_thinking_switch_changes_only_the_generation_prompt(gguf_template):
 def test_packaged_template_is_the_published_one():
     if not SHARED_TEMPLATE.exists():
         pytest.skip("../shared/reference is not beside this checkout")
-    from cascade_local.chat_session import default_template
+    from cascade_local.llama_model import default_template
 
     assert default_template() == SHARED_TEMPLATE.read_text(encoding="utf-8")
 

@@ -138,3 +138,22 @@ def test_other_architecture_is_named(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError, match="is a llama model"):
         LoadedModel(path)
+
+
+def test_follow_up_turns_reuse_the_evaluated_prompt(model):
+    from cascade_local.conversation import Conversation, TurnSettings
+
+    settings = TurnSettings(thinking=True, max_tokens=12, sampling=GREEDY)
+    chat = Conversation(Engine(model, n_ctx=1024, threads=2))
+    for text in ["Hello", "And then?", "Why?"]:
+        list(chat.reply(text, settings))
+    assert chat.last is not None and chat.last.cached_tokens > 0
+    assert chat.last.cached_tokens < chat.last.prompt_tokens
+
+    # The reused state gives exactly what evaluating the whole prompt from scratch gives.
+    fresh = Engine(model, n_ctx=1024, threads=2)
+    history = chat.messages[:-1]
+    tokens = model.encode_prompt(model.template.render(history, enable_thinking=True))
+    again = fresh.generate(Request(tokens, GREEDY, max_tokens=12, in_reasoning=True))
+    assert again.reasoning == chat.last.reasoning and again.content == chat.last.content
+    assert again.cached_tokens == 0

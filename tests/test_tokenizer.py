@@ -21,35 +21,28 @@ from cascade_local.convert.tokenizer import (
 
 from cascade_local.errors import TokenizerError
 from cascade_local.gguf_meta import read_metadata
-from cascade_local.llama_log import quiet_llama
-from cascade_local.tokenization import HF_JSON_KEY, prompt_tokenizer
+from cascade_local.llama_model import LoadedModel
+from cascade_local.tokenization import HF_JSON_KEY
 
 
 @pytest.fixture(scope="module")
-def vocab_only_model(tiny_gguf):
-    quiet_llama()
-    from llama_cpp import Llama
-
-    return Llama(str(tiny_gguf("f32")), vocab_only=True, verbose=False)
+def model(tiny_gguf) -> LoadedModel:
+    return LoadedModel(tiny_gguf("f32"))
 
 
 def has_combining_mark(text: str) -> bool:
     return any(unicodedata.category(c).startswith("M") for c in text)
 
 
-def test_runtime_tokenizer_matches_tokenizers_on_whole_corpus(tiny_gguf, vocab_only_model, golden_tokens):
-    tokenizer = prompt_tokenizer(read_metadata(tiny_gguf("f32")), vocab_only_model)
-    assert tokenizer.exact
+def test_runtime_tokenizer_matches_tokenizers_on_whole_corpus(model, golden_tokens):
+    assert model.tokenizer.exact
     for case in golden_tokens:
-        assert tokenizer.encode(case["text"], add_bos=False) == case["ids"], case["text"]
+        assert model.tokenizer.encode(case["text"], add_bos=False) == case["ids"], case["text"]
 
 
-def test_llama_cpp_tokenizer_matches_except_combining_marks(vocab_only_model, golden_tokens):
+def test_llama_cpp_tokenizer_matches_except_combining_marks(model, golden_tokens):
     assert len(golden_tokens) >= 15
-    mismatched = [
-        case["text"] for case in golden_tokens
-        if vocab_only_model.tokenize(case["text"].encode("utf-8"), add_bos=False, special=True) != case["ids"]
-    ]
+    mismatched = [case["text"] for case in golden_tokens if model.tokenize(case["text"]) != case["ids"]]
     marked = {c["text"] for c in golden_tokens if has_combining_mark(c["text"])}
     assert marked, "the corpus must exercise combining marks"
     assert set(mismatched) <= marked, sorted(set(mismatched) - marked)
@@ -60,17 +53,16 @@ def test_gguf_embeds_the_original_tokenizer_json(tiny_gguf, tiny_dir):
     assert embedded == (tiny_dir / "tokenizer.json").read_text(encoding="utf-8")
 
 
-def test_detokenize_round_trips(vocab_only_model, golden_tokens):
+def test_detokenize_round_trips(model, golden_tokens):
     for case in golden_tokens:
-        text = vocab_only_model.detokenize(case["ids"], special=True).decode("utf-8")
-        assert text == case["text"]
+        assert b"".join(model.piece(t) for t in case["ids"]).decode("utf-8") == case["text"]
 
 
-def test_special_tokens_sit_at_the_published_ids(vocab_only_model):
+def test_special_tokens_sit_at_the_published_ids(model):
     expected = {"<|im_start|>": 10, "<|im_end|>": 11, "<think>": 12, "</think>": 13, "<tool_call>": 14,
                 "</tool_call>": 15}
     for text, tid in expected.items():
-        assert vocab_only_model.tokenize(text.encode(), add_bos=False, special=True) == [tid]
+        assert model.tokenize(text) == [tid] == model.tokenizer.encode(text, add_bos=False)
 
 
 def test_tekken_regex_maps_to_tekken(tiny_dir):

@@ -8,30 +8,39 @@ import typer
 
 from cascade_local.cli.console import err_console
 
-HELP = "/think on|off  thinking mode for the next turns · /clear  forget the conversation · /exit  quit"
+HELP = ("/think on|off · /budget N|off · /system TEXT · /retry · /clear · /exit   "
+        "(reasoning is dimmed; Ctrl-C stops an answer)")
 
 
 def chat(
     model: str | None = typer.Argument(None, help="Registry name (default: nemotron-cascade-2) or a .gguf path."),
     think: bool = typer.Option(True, "--think/--no-think", help="Start with thinking on or off."),
+    budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the reasoning."),
     ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length in tokens."),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature (0: greedy)."),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per answer."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
 ) -> None:
     """Chat with a model in the terminal; reasoning is shown dimmed, the answer plainly.
 
-    Example: cascade-local chat ./cascade2-q8_0.gguf --no-think
+    Example: cascade-local chat ./cascade2-q4.gguf --no-think
     """
-    from cascade_local.chat_session import ChatSession, Sampling
+    from cascade_local.conversation import Conversation, TurnSettings
+    from cascade_local.engine import Engine
+    from cascade_local.llama_model import LoadedModel
     from cascade_local.resolve import resolve_model
+    from cascade_local.sampling import SamplingParams
 
     path = resolve_model(model)
     with err_console.status(f"loading {path.name}"):
-        session = ChatSession(path, n_ctx=ctx, threads=threads)
-    sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        engine = Engine(LoadedModel(path), n_ctx=ctx, threads=threads)
+    chat_ = Conversation(engine, system)
+    settings = TurnSettings(think, budget, max_tokens, SamplingParams(temperature=temperature, top_p=top_p,
+                                                                      seed=seed))
     err_console.print(f"[bold]{path.name}[/] · thinking {'on' if think else 'off'} · {HELP}", highlight=False)
     while True:
         try:
@@ -45,35 +54,58 @@ def chat(
         if command.startswith("/"):
             if command in ("/exit", "/quit", "/bye"):
                 return
-            if command in ("/think on", "/think off"):
-                think = command.endswith("on")
-                err_console.print(f"thinking {'on' if think else 'off'}")
-            elif command == "/clear":
-                session.clear()
-                err_console.print("conversation cleared")
+            if command == "/retry" and (previous := chat_.retry_last()) is not None:
+                _answer(chat_, previous, settings, hide_thinking)
             else:
-                err_console.print(HELP, highlight=False)
+                err_console.print(_slash(command, chat_, settings), highlight=False)
             continue
-        _answer(session, text, think, hide_thinking, sampling)
+        _answer(chat_, text, settings, hide_thinking)
 
 
-def _answer(session: object, text: str, think: bool, hide_thinking: bool, sampling: object) -> None:
-    from cascade_local.chat_session import ChatSession
+def _slash(command: str, chat_: object, settings: object) -> str:
+    """Applies a settings command; returns what to tell the user."""
+    from cascade_local.conversation import Conversation, TurnSettings
 
-    assert isinstance(session, ChatSession)
+    assert isinstance(chat_, Conversation) and isinstance(settings, TurnSettings)
+    name, _, arg = command.partition(" ")
+    arg = arg.strip()
+    if name == "/think" and arg in ("on", "off"):
+        settings.thinking = arg == "on"
+        return f"thinking {arg}"
+    if name == "/budget" and (arg == "off" or (arg.isdigit() and int(arg) > 0)):
+        settings.thinking_budget = None if arg == "off" else int(arg)
+        return f"thinking budget {arg}"
+    if name == "/system":
+        chat_.system = arg or None
+        return "system prompt set" if arg else "system prompt cleared"
+    if name == "/clear":
+        chat_.clear()
+        return "conversation cleared"
+    return HELP
+
+
+def _answer(chat_: object, text: str, settings: object, hide_thinking: bool) -> None:
+    from cascade_local.conversation import Conversation, TurnSettings
+
+    assert isinstance(chat_, Conversation) and isinstance(settings, TurnSettings)
     last = None
     try:
-        for piece in session.stream(text, enable_thinking=think, sampling=sampling):  # type: ignore[arg-type]
-            if piece.kind == "reasoning":
+        for event in chat_.reply(text, settings):
+            if event.kind == "reasoning":
                 if not hide_thinking:
-                    err_console.print(piece.text, style="dim", end="", highlight=False, markup=False)
-            else:
+                    err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
+            elif event.kind == "content":
                 if last == "reasoning" and not hide_thinking:
                     err_console.print()
-                sys.stdout.write(piece.text)
+                sys.stdout.write(event.text)
                 sys.stdout.flush()
-            last = piece.kind
+            last = event.kind
     except KeyboardInterrupt:
         err_console.print("\n[yellow]stopped[/]")
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if chat_.last is not None:
+        r = chat_.last
+        err_console.print(f"{r.completion_tokens} tokens ({r.reasoning_tokens} thinking), "
+                          f"{r.generation_tokens_per_second:.1f} tok/s, prompt {r.prompt_tokens} "
+                          f"({r.cached_tokens} reused)", style="dim", highlight=False)

@@ -1,0 +1,75 @@
+"""A conversation with the model: history, thinking mode, budget, and reuse of the evaluated prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from cascade_local.chat_template import Message
+from cascade_local.engine import Engine, Event, PromptCache, Request, Result
+from cascade_local.sampling import SamplingParams
+
+
+@dataclass
+class TurnSettings:
+    thinking: bool = True
+    thinking_budget: int | None = None
+    max_tokens: int = 4096
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+class Conversation:
+    """Renders the history with the model's template and streams each reply through the engine."""
+
+    def __init__(self, engine: Engine, system: str | None = None):
+        self.engine = engine
+        self.model = engine.model
+        self.system = system
+        self.messages: list[Message] = []
+        self.last: Result | None = None
+        self._cache = PromptCache()
+
+    def _history(self) -> list[Message]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def render(self, thinking: bool) -> str:
+        return self.model.template.render(self._history(), add_generation_prompt=True, enable_thinking=thinking)
+
+    def render_history(self) -> str:
+        return self.model.template.render(self._history(), add_generation_prompt=False)
+
+    def reply(self, user_text: str, settings: TurnSettings) -> Iterator[Event]:
+        """Streams reasoning and answer; the reply joins the history once complete (or interrupted)."""
+        self.messages.append({"role": "user", "content": user_text})
+        tokens = self.model.encode_prompt(self.render(settings.thinking))
+        # The history without the generation prompt is what the next turn's prompt will start with.
+        stable = len(self.model.encode_prompt(self.render_history()))
+        request = Request(tokens, settings.sampling, settings.max_tokens, in_reasoning=settings.thinking,
+                          thinking_budget=settings.thinking_budget, cache=self._cache, cache_prefix=stable)
+        reasoning: list[str] = []
+        content: list[str] = []
+        finished = False
+        try:
+            for event in self.engine.stream(request):
+                if event.kind == "done":
+                    self.last = event.result
+                    finished = True
+                else:
+                    (reasoning if event.kind == "reasoning" else content).append(event.text)
+                yield event
+        finally:
+            if not finished:  # interrupted: keep what was said, so the conversation goes on
+                self.last = None
+            self.messages.append({"role": "assistant", "content": "".join(content).strip(),
+                                  "reasoning_content": "".join(reasoning).strip()})
+
+    def retry_last(self) -> str | None:
+        """Drops the last exchange and returns its user text, to ask again."""
+        if len(self.messages) >= 2 and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+            return self.messages.pop()["content"]
+        return None
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self._cache = PromptCache()
