@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from cascade_local.errors import CascadeError, UsageError
+from cascade_local.expert_stats import ExpertStats
 from cascade_local.llama_model import LoadedModel
 from cascade_local.sampling import SamplerChain, SamplingParams
 from cascade_local.thinking import ThinkingSplitter
@@ -114,7 +115,8 @@ class Engine:
     """Decodes up to `n_seq_max` requests at once on one context of `n_ctx` tokens in total."""
 
     def __init__(self, model: LoadedModel, *, n_ctx: int = 8192, n_seq_max: int = 1, n_batch: int = 512,
-                 threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] = SamplerChain):
+                 threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] = SamplerChain,
+                 expert_stats: ExpertStats | None = None):
         import llama_cpp
 
         if n_seq_max < 1:
@@ -132,6 +134,9 @@ class Engine:
         if threads:
             params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        self.expert_stats = expert_stats
+        if expert_stats is not None:
+            params.cb_eval = expert_stats.callback
         self.ctx = llama_cpp.llama_init_from_model(model.model, params)
         if not self.ctx:
             raise DecodeError(f"llama.cpp could not create a context of {n_ctx} tokens for {n_seq_max} sequences")

@@ -157,3 +157,18 @@ def test_follow_up_turns_reuse_the_evaluated_prompt(model):
     again = fresh.generate(Request(tokens, GREEDY, max_tokens=12, in_reasoning=True))
     assert again.reasoning == chat.last.reasoning and again.content == chat.last.content
     assert again.cached_tokens == 0
+
+
+def test_expert_statistics_count_every_routed_token(model):
+    from cascade_local.expert_stats import ExpertStats
+
+    stats = ExpertStats(n_expert=8)
+    engine = Engine(model, n_ctx=256, threads=2, expert_stats=stats)
+    tokens = prompt(model, "Hello")
+    result = engine.generate(Request(tokens, GREEDY, max_tokens=10))
+    layers = dict(stats.layers())
+    assert sorted(layers) == [1, 4]  # the MoE layers
+    decoded = len(tokens) + result.completion_tokens - 1  # the last sampled token is never decoded
+    for counts in layers.values():
+        assert counts.sum() == 2 * decoded  # two experts per token
+        assert (counts > 0).sum() >= 2  # routing varies across tokens
