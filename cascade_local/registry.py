@@ -22,6 +22,10 @@ class ModelEntry:
     context_length: int = 0
     sampling: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    def sampling_defaults(self, thinking: bool) -> dict[str, float]:
+        """The publisher's recommended sampling for the mode ([models.NAME.sampling] thinking / instruct)."""
+        return dict(self.sampling.get("thinking" if thinking else "instruct", {}))
+
     @classmethod
     def from_dict(cls, name: str, raw: dict[str, Any]) -> ModelEntry:
         if not isinstance(raw.get("hf_repo"), str):

@@ -19,8 +19,10 @@ def chat(
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the reasoning."),
     ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length in tokens."),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature (0: greedy)."),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (0: greedy; "
+                                             "default from models.toml: 1.0 thinking, 0.6 without)."),
+    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold "
+                                       "(default from models.toml: 0.95)."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per answer."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
@@ -32,6 +34,7 @@ def chat(
     from cascade_local.conversation import Conversation, TurnSettings
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
+    from cascade_local.registry import load_registry
     from cascade_local.resolve import resolve_model
     from cascade_local.sampling import SamplingParams
 
@@ -39,8 +42,14 @@ def chat(
     with err_console.status(f"loading {path.name}"):
         engine = Engine(LoadedModel(path), n_ctx=ctx, threads=threads)
     chat_ = Conversation(engine, system)
-    settings = TurnSettings(think, budget, max_tokens, SamplingParams(temperature=temperature, top_p=top_p,
-                                                                      seed=seed))
+    entry = load_registry().get(None)  # the recommended sampling of the model family
+
+    def sampling(thinking: bool) -> SamplingParams:
+        defaults = entry.sampling_defaults(thinking)
+        return SamplingParams(temperature=temperature if temperature is not None else defaults.get("temperature", 1.0),
+                              top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed)
+
+    settings = TurnSettings(think, budget, max_tokens, sampling(think))
     err_console.print(f"[bold]{path.name}[/] · thinking {'on' if think else 'off'} · {HELP}", highlight=False)
     while True:
         try:
@@ -58,6 +67,7 @@ def chat(
                 _answer(chat_, previous, settings, hide_thinking)
             else:
                 err_console.print(_slash(command, chat_, settings), highlight=False)
+                settings.sampling = sampling(settings.thinking)
             continue
         _answer(chat_, text, settings, hide_thinking)
 
