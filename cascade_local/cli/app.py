@@ -38,11 +38,12 @@ def root(
 
 
 def _register() -> None:
-    from cascade_local.cli import chat_cmd, convert_cmd, info_cmd
+    from cascade_local.cli import chat_cmd, convert_cmd, info_cmd, plan_cmd
 
     app.command("convert")(convert_cmd.convert)
     app.command("chat")(chat_cmd.chat)
     app.command("info")(info_cmd.info)
+    app.command("plan")(plan_cmd.plan)
 
 
 def _silence_stdout() -> None:

@@ -1,0 +1,106 @@
+"""`cascade-local plan`: where each tensor would go and what memory each device needs, before loading anything."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from cascade_local.cli.console import out_console
+from cascade_local.devices import resolve_gpu_budget, system_memory
+from cascade_local.gguf_info import read_gguf
+from cascade_local.placement import CPU, DEFAULT_CTX, GPU, Plan, fmt_bytes, parse_override, plan_placement
+from cascade_local.resolve import resolve_model
+
+
+def plan(
+    model: str = typer.Argument(..., help="A .gguf file, or a model name from the registry."),
+    gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to plan for: auto (what the GPU reports "
+                                "free), a size such as 8GiB, 8GB or 8000MiB, or 0 for the CPU only."),
+    ctx: int = typer.Option(DEFAULT_CTX, "--ctx", help="Context length of each sequence, in tokens."),
+    parallel: int = typer.Option(1, "--parallel", help="Sequences decoded together, each with --ctx tokens."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights on the CPU (llama.cpp's "
+                                 "--cpu-moe)."),
+    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the expert weights of the first N layers "
+                                         "on the CPU (llama.cpp's --n-cpu-moe)."),
+    override_tensor: list[str] = typer.Option([], "--override-tensor", help="REGEX=DEVICE, as llama.cpp's -ot: "
+                                              "tensors matching REGEX go to CPU or the GPU (CUDA0...). These win "
+                                              "over everything else. Repeatable."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    assume_gpu: str | None = typer.Option(None, "--assume-gpu", hidden=True, help="Planning aid: plan as if a GPU "
+                                          "with this much free memory existed. Nothing is loaded."),
+) -> None:
+    """Plan where each tensor goes (GPU or RAM) and the memory each needs, from the GGUF's tensor table alone.
+
+    Dense tensors go to the GPU first, then the experts of whole layers while they fit; the rest stay in RAM.
+    The plan counts the KV cache (attention layers only), the Mamba state of each sequence, the compute
+    buffers and headroom, and prints the tensor overrides llama.cpp will receive. A budget too small for
+    the dense part, or a context that does not fit, is refused with exit code 2 and what would fit.
+
+    Example: cascade-local plan model.gguf --gpu-mem 8GiB --ctx 32768 --parallel 4
+    """
+    overrides = [pair for text in override_tensor for pair in parse_override(text)]
+    budget = resolve_gpu_budget(gpu_mem, assume_gpu)
+    gguf = read_gguf(resolve_model(model))
+    result = plan_placement(gguf, gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel, cpu_moe=cpu_moe,
+                            n_cpu_moe=n_cpu_moe, overrides=overrides, ram_bytes=system_memory()[1],
+                            gpu_available=budget.available, gpu_name=budget.name)
+    if json_:
+        payload = {**result.to_dict(), "gpu_source": budget.source}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    out_console.print(_table(result))
+    out_console.print(_settings(result, budget.source))
+
+
+def _cell(n: int) -> str:
+    return fmt_bytes(n) if n else "—"
+
+
+def _table(plan: Plan) -> Table:
+    m = plan.memory
+    table = Table(title=f"{plan.parallel} sequence{'s' * (plan.parallel > 1)} × ctx {plan.ctx}", box=box.SIMPLE,
+                  title_justify="left", show_footer=True)
+    table.add_column("class", footer="total")
+    table.add_column("tensors", justify="right")
+    table.add_column("GPU", justify="right", footer=_cell(plan.need(GPU) + plan.headroom_gpu))
+    table.add_column("RAM", justify="right", footer=_cell(plan.need(CPU) + plan.headroom_cpu))
+    for c in plan.class_totals():
+        table.add_row(c.cls, str(c.tensors), _cell(c.gpu), _cell(c.cpu))
+    table.add_section()
+    kv_gpu = plan.kv_device == GPU
+    rows = [
+        (f"KV cache ({m.n_ctx} cells, f16)", m.kv if kv_gpu else 0, 0 if kv_gpu else m.kv),
+        (f"Mamba state ({m.n_seq_max} sequence{'s' * (m.n_seq_max > 1)}, f32)", m.state if kv_gpu else 0,
+         0 if kv_gpu else m.state),
+        (f"compute buffers (n_ubatch {m.n_ubatch})", plan.compute_gpu, plan.compute_cpu),
+        ("expert weight copy (GPU batches ≥ 32)", plan.expert_copy, 0),
+        ("output buffer (logits)", 0, m.output),
+        ("headroom", plan.headroom_gpu, plan.headroom_cpu),
+    ]
+    for name, gpu, cpu in rows:
+        if gpu or cpu:
+            table.add_row(name, "", _cell(gpu), _cell(cpu))
+    return table
+
+
+def _settings(plan: Plan, source: str) -> Table:
+    m = plan.memory
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    ram = fmt_bytes(plan.ram_available) + " available" if plan.ram_available is not None else "unknown"
+    gpu = f"{fmt_bytes(plan.gpu_budget)} of {plan.gpu_name} ({source})" if plan.mode == GPU else plan.why_cpu
+    grid.add_row("GPU", gpu or source)
+    grid.add_row("RAM", ram)
+    grid.add_row("llama.cpp", f"n_gpu_layers={plan.n_gpu_layers} n_ctx={m.n_ctx} n_seq_max={m.n_seq_max} "
+                              f"n_ubatch={m.n_ubatch} kv_unified=false")
+    grid.add_row("overrides", Text("\n".join(plan.override_args()) or "none"))
+    for note in plan.notes:
+        grid.add_row("note", note)
+    grid.add_row("verdict", plan.verdict)
+    return grid

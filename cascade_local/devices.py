@@ -1,0 +1,201 @@
+"""What this machine offers llama.cpp: GPUs and their free memory, system RAM, and buffer types for tensor overrides.
+
+The planner's only contact with llama.cpp (`cascade_local.placement` stays pure arithmetic). ggml's device API is
+reached through the library llama-cpp-python already loaded (`llama_cpp.llama_cpp._lib`): opening libggml a second
+time by path would map another copy, whose CPU buffer type would not compare equal to the one llama.cpp checks.
+Signatures are declared on private function objects (`_lib[name]`, not `_lib.name`), so nobody else's change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from cascade_local.errors import ModelLoadError
+from cascade_local.placement import CPU, Plan, parse_size
+
+# enum ggml_backend_dev_type (ggml-backend.h)
+DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+GPU_TYPES = (1, 2)  # the devices llama.cpp offloads layers to
+
+
+@cache
+def _ggml() -> dict[str, Any]:
+    import llama_cpp.llama_cpp as lib
+
+    def fn(name: str, restype: Any, *argtypes: Any) -> Any:
+        f = lib._lib[name]  # a fresh function object: its signature is ours alone
+        f.restype, f.argtypes = restype, list(argtypes)
+        return f
+
+    p, size = ctypes.c_void_p, ctypes.c_size_t
+    return {
+        "dev_count": fn("ggml_backend_dev_count", size),
+        "dev_get": fn("ggml_backend_dev_get", p, size),
+        "dev_type": fn("ggml_backend_dev_type", ctypes.c_int, p),
+        "dev_name": fn("ggml_backend_dev_name", ctypes.c_char_p, p),
+        "dev_description": fn("ggml_backend_dev_description", ctypes.c_char_p, p),
+        "dev_memory": fn("ggml_backend_dev_memory", None, p, ctypes.POINTER(size), ctypes.POINTER(size)),
+        "dev_buffer_type": fn("ggml_backend_dev_buffer_type", p, p),
+        "cpu_buffer_type": fn("ggml_backend_cpu_buffer_type", p),
+        "buft_name": fn("ggml_backend_buft_name", ctypes.c_char_p, p),
+    }
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python build has a GPU backend (CUDA, Metal, Vulkan...)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    index: int  # in ggml's device list
+    name: str  # CUDA0, Vulkan0...: the name llama.cpp's --override-tensor uses
+    description: str
+    free: int
+    total: int
+    handle: int  # ggml_backend_dev_t
+
+
+def gpu_devices() -> list[GpuDevice]:
+    """The GPUs ggml sees, with free and total memory as their backend reports it; [] on a CPU-only build."""
+    if not gpu_offload_supported():
+        return []
+    g = _ggml()
+    out = []
+    for i in range(g["dev_count"]()):
+        dev = g["dev_get"](i)
+        if not dev or g["dev_type"](dev) not in GPU_TYPES:
+            continue
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        g["dev_memory"](dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(GpuDevice(i, (g["dev_name"](dev) or b"?").decode(), (g["dev_description"](dev) or b"").decode(),
+                             free.value, total.value, dev))
+    return out
+
+
+def system_memory() -> tuple[int | None, int | None]:
+    """(total, available) RAM in bytes: /proc/meminfo's MemTotal and MemAvailable, else sysconf (total only)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if line.split()[1:2]}
+        return info.get("MemTotal"), info.get("MemAvailable", info.get("MemFree"))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), None
+    except (ValueError, OSError, AttributeError):
+        return None, None
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    """What the planner may put on a GPU: `available` false means no GPU (CPU-only build, or none found)."""
+
+    available: bool
+    nbytes: int
+    name: str | None
+    source: str  # how the budget was set, for the plan's notes
+
+
+def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None) -> GpuBudget:
+    """`--gpu-mem auto|SIZE` (and the planning aid `--assume-gpu SIZE`) -> the GPU budget to plan with.
+
+    auto: the free memory of the first GPU as ggml reports it. SIZE: that much (0: CPU only). `assume_gpu`
+    pretends a GPU with that much free memory exists, for planning on a machine without one; nothing is loaded.
+    """
+    wanted = None if gpu_mem.strip().lower() == "auto" else parse_size(gpu_mem)
+    if assume_gpu is not None:
+        free = parse_size(assume_gpu)
+        return GpuBudget(True, free if wanted is None else wanted, "an assumed GPU",
+                         "--assume-gpu, a planning aid: no GPU was asked")
+    if not gpu_offload_supported():
+        return GpuBudget(False, 0, None, "CPU-only build")
+    gpus = gpu_devices()
+    if not gpus:
+        return GpuBudget(False, 0, None, "no GPU found")
+    first = gpus[0]
+    label = f"{first.name} ({first.description})" if first.description else first.name
+    if wanted is None:
+        return GpuBudget(True, first.free, label, "free memory reported by the GPU")
+    return GpuBudget(True, wanted, label, "--gpu-mem")
+
+
+# -- tensor_buft_overrides for llama_model_params --------------------------------------------------------------------
+
+
+class TensorBuftOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }.
+
+    llama-cpp-python 0.3.36 declares the field in llama_model_params as a void pointer and ships no
+    structure for it, so it is declared here.
+    """
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@dataclass
+class BuftOverrides:
+    """A NULL-terminated override array and everything it points to; keep this object alive while loading."""
+
+    array: ctypes.Array  # of TensorBuftOverride, the last one {NULL, NULL}
+    patterns: list[bytes]
+    n_gpu_layers: int
+
+    @property
+    def pointer(self) -> ctypes.c_void_p:
+        return ctypes.cast(self.array, ctypes.c_void_p)
+
+    def apply(self, params: Any) -> None:
+        """Set `tensor_buft_overrides` and `n_gpu_layers` on a `llama_model_params`."""
+        params.tensor_buft_overrides = self.pointer
+        params.n_gpu_layers = self.n_gpu_layers
+
+
+def cpu_buffer_type() -> int:
+    return _ggml()["cpu_buffer_type"]()
+
+
+def gpu_buffer_type() -> int:
+    """The buffer type of the first GPU (what CUDA0 means to llama.cpp's --override-tensor)."""
+    gpus = gpu_devices()
+    if not gpus:
+        raise ModelLoadError("a tensor override names a GPU, but this llama-cpp-python build has no GPU device")
+    return _ggml()["dev_buffer_type"](gpus[0].handle)
+
+
+def buffer_type_name(buft: int) -> str:
+    return (_ggml()["buft_name"](buft) or b"?").decode()
+
+
+def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: int = 0) -> BuftOverrides:
+    """[(regex, 'CPU' or 'GPU')] -> the NULL-terminated array llama_model_params.tensor_buft_overrides takes."""
+    patterns = [regex.encode() for regex, _ in overrides]
+    array = (TensorBuftOverride * (len(overrides) + 1))()
+    cpu = gpu = None
+    for i, ((_, device), pattern) in enumerate(zip(overrides, patterns, strict=True)):
+        if device == CPU:
+            cpu = cpu or cpu_buffer_type()
+            array[i] = TensorBuftOverride(pattern, cpu)
+        else:
+            gpu = gpu or gpu_buffer_type()
+            array[i] = TensorBuftOverride(pattern, gpu)
+    array[len(overrides)] = TensorBuftOverride(None, None)
+    return BuftOverrides(array, patterns, n_gpu_layers)
+
+
+def plan_overrides(plan: Plan) -> BuftOverrides:
+    """The overrides and n_gpu_layers of a plan, ready for `BuftOverrides.apply(model_params)`."""
+    return tensor_buft_overrides(plan.overrides, plan.n_gpu_layers)
+
+
+__all__ = [
+    "BuftOverrides", "GpuBudget", "GpuDevice", "buffer_type_name", "cpu_buffer_type", "gpu_devices",
+    "gpu_offload_supported", "plan_overrides", "resolve_gpu_budget", "system_memory", "tensor_buft_overrides",
+]
