@@ -131,6 +131,7 @@ class Engine:
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = n_seq_max
+        params.kv_unified = False  # each sequence its own n_ctx / n_seq_max cells, as the planner counts them
         if threads:
             params.n_threads = params.n_threads_batch = threads
         params.no_perf = True

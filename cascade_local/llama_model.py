@@ -5,9 +5,9 @@ from __future__ import annotations
 import ctypes
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from cascade_local.chat_template import ChatTemplate
+from cascade_local.devices import BuftOverrides
 from cascade_local.errors import ModelLoadError
 from cascade_local.gguf_meta import read_metadata
 from cascade_local.llama_log import quiet_llama, recent_lines
@@ -21,9 +21,9 @@ def default_template() -> str:
 
 
 class LoadedModel:
-    """Owns a llama_model. `overrides` is a NULL-terminated tensor_buft_overrides array kept alive here."""
+    """Owns a llama_model. `overrides` (devices.BuftOverrides) places tensors and sets n_gpu_layers."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0, overrides: Any = None):
+    def __init__(self, path: Path, *, overrides: BuftOverrides | None = None):
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
         arch = self.metadata.get("general.architecture")
@@ -34,11 +34,11 @@ class LoadedModel:
         import llama_cpp
 
         self._lib = llama_cpp
-        self._overrides = overrides  # the model keeps pointers into it until freed
+        self._overrides = overrides  # llama.cpp reads the patterns while loading: keep them alive
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params.n_gpu_layers = 0
         if overrides is not None:
-            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+            overrides.apply(params)
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
             said = [line for line in recent_lines() if "error" in line.lower() or "failed" in line.lower()]

@@ -76,3 +76,17 @@ def test_chat_turn_and_thinking_toggle(tiny_gguf):
     # Thinking on: the 8 tokens are all reasoning (stderr). Off: they are the answer (stdout).
     first, second = result.stdout.split(">>> ")[1], result.stdout.split(">>> ")[3]
     assert first.strip() == "" and second.strip() != ""
+
+
+def test_chat_applies_placement_options(tiny_gguf):
+    """On a CPU-only build every placement spelling still loads and answers."""
+    script = "Hi\n/exit\n"
+    for extra in (["--gpu-mem", "0"], ["--cpu-moe"], ["--override-tensor", r"blk\.\d+\.ffn_(up|down)_exps=CPU"]):
+        result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "4", "--no-think", *extra, input=script)
+        assert result.returncode == 0, (extra, result.stderr)
+
+
+def test_chat_refuses_a_context_that_cannot_fit(tiny_gguf):
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--ctx", "100000000", input="")
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1

@@ -26,21 +26,25 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per answer."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM."),
+    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM."),
+    override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE (CPU, CUDA0...), "
+                                              "as llama.cpp's -ot. Repeatable."),
 ) -> None:
     """Chat with a model in the terminal; reasoning is shown dimmed, the answer plainly.
 
     Example: cascade-local chat ./cascade2-q4.gguf --no-think
     """
     from cascade_local.conversation import Conversation, TurnSettings
-    from cascade_local.engine import Engine
-    from cascade_local.llama_model import LoadedModel
     from cascade_local.registry import load_registry
-    from cascade_local.resolve import resolve_model
+    from cascade_local.runtime import PlacementOptions, open_engine
     from cascade_local.sampling import SamplingParams
 
-    path = resolve_model(model)
-    with err_console.status(f"loading {path.name}"):
-        engine = Engine(LoadedModel(path), n_ctx=ctx, threads=threads)
+    placement = PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor))
+    with err_console.status("loading"):
+        engine, plan = open_engine(model, ctx=ctx, threads=threads, placement=placement)
+    path = engine.model.path
     chat_ = Conversation(engine, system)
     entry = load_registry().get(None)  # the recommended sampling of the model family
 
@@ -51,6 +55,7 @@ def chat(
 
     settings = TurnSettings(think, budget, max_tokens, sampling(think))
     err_console.print(f"[bold]{path.name}[/] · thinking {'on' if think else 'off'} · {HELP}", highlight=False)
+    err_console.print(f"placement: {plan.verdict}", style="dim", highlight=False, markup=False)
     while True:
         try:
             text = input(">>> ")

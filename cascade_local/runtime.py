@@ -1,0 +1,47 @@
+"""From what the user typed to a ready engine: resolve the model, plan its placement, load, create the context."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cascade_local.engine import Engine
+from cascade_local.llama_model import LoadedModel
+from cascade_local.placement import Plan
+
+
+@dataclass(frozen=True)
+class PlacementOptions:
+    """How to split the model between GPU and RAM; the llama.cpp spellings users know."""
+
+    gpu_mem: str = "auto"  # auto | SIZE | 0
+    cpu_moe: bool = False
+    n_cpu_moe: int | None = None
+    override_tensor: Sequence[str] = ()  # REGEX=DEVICE, as llama.cpp's -ot
+
+
+def plan_for(spec: str | None, *, ctx: int, parallel: int, placement: PlacementOptions) -> Plan:
+    """The plan, computed from the file's tensor table before anything is loaded (refuses what cannot fit)."""
+    from cascade_local.devices import resolve_gpu_budget, system_memory
+    from cascade_local.gguf_info import read_gguf
+    from cascade_local.placement import parse_override, plan_placement
+    from cascade_local.resolve import resolve_model
+
+    overrides = [pair for text in placement.override_tensor for pair in parse_override(text)]
+    budget = resolve_gpu_budget(placement.gpu_mem)
+    return plan_placement(read_gguf(resolve_model(spec)), gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel,
+                          cpu_moe=placement.cpu_moe, n_cpu_moe=placement.n_cpu_moe, overrides=overrides,
+                          ram_bytes=system_memory()[1], gpu_available=budget.available, gpu_name=budget.name)
+
+
+def open_engine(spec: str | None, *, ctx: int = 8192, parallel: int = 1, threads: int | None = None,
+                placement: PlacementOptions | None = None) -> tuple[Engine, Plan]:
+    """Plan, then load the model with the plan's tensor overrides and create a context for `parallel` sequences."""
+    from pathlib import Path
+
+    from cascade_local.devices import plan_overrides
+
+    plan = plan_for(spec, ctx=ctx, parallel=parallel, placement=placement or PlacementOptions())
+    model = LoadedModel(Path(plan.path), overrides=plan_overrides(plan))
+    engine = Engine(model, n_ctx=plan.memory.n_ctx, n_seq_max=parallel, threads=threads)
+    return engine, plan
