@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from cascade_local.chat_template import ChatTemplate
 from cascade_local.devices import BuftOverrides
@@ -14,6 +15,13 @@ from cascade_local.llama_log import quiet_llama, recent_lines
 from cascade_local.tokenization import PromptTokenizer, prompt_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("nemotron_h_moe",)
+
+
+def check_architecture(metadata: dict[str, Any], path: Path) -> None:
+    arch = metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"{path.name} is a {arch or 'unknown'} model; cascade-local runs "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)} (Nemotron-Cascade-2) models")
 
 
 def default_template() -> str:
@@ -26,10 +34,7 @@ class LoadedModel:
     def __init__(self, path: Path, *, overrides: BuftOverrides | None = None):
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
-        arch = self.metadata.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(f"{self.path.name} is a {arch or 'unknown'} model; cascade-local runs "
-                                 f"{', '.join(SUPPORTED_ARCHITECTURES)} (Nemotron-Cascade-2) models")
+        check_architecture(self.metadata, self.path)
         quiet_llama()
         import llama_cpp
 

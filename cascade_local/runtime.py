@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cascade_local.engine import Engine
-from cascade_local.llama_model import LoadedModel
+from cascade_local.llama_model import LoadedModel, check_architecture
 from cascade_local.placement import Plan
 
 
@@ -29,7 +29,10 @@ def plan_for(spec: str | None, *, ctx: int, parallel: int, placement: PlacementO
 
     overrides = [pair for text in placement.override_tensor for pair in parse_override(text)]
     budget = resolve_gpu_budget(placement.gpu_mem)
-    return plan_placement(read_gguf(resolve_model(spec)), gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel,
+    path = resolve_model(spec)
+    gguf = read_gguf(path)
+    check_architecture(gguf.metadata, path)
+    return plan_placement(gguf, gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel,
                           cpu_moe=placement.cpu_moe, n_cpu_moe=placement.n_cpu_moe, overrides=overrides,
                           ram_bytes=system_memory()[1], gpu_available=budget.available, gpu_name=budget.name)
 

@@ -90,3 +90,25 @@ def test_chat_refuses_a_context_that_cannot_fit(tiny_gguf):
     result = run_cli("chat", str(tiny_gguf("q8_0")), "--ctx", "100000000", input="")
     assert result.returncode in (1, 2) and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_chat_with_a_truncated_gguf(tiny_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf("q8_0").read_bytes()[:300_000])
+    result = run_cli("chat", str(cut), input="")
+    assert result.returncode == 2 and "is damaged" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chat_with_another_architecture_names_it(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_cli("chat", str(path), input="")
+    assert result.returncode == 2 and "is a llama model; cascade-local runs nemotron_h_moe" in result.stderr
