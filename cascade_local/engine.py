@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -176,7 +177,7 @@ class Engine:
 
     def generate_many(self, requests: list[Request]) -> list[Result]:
         results: dict[int, Result] = {}
-        tagged = [Request(**{**r.__dict__, "tag": i}) for i, r in enumerate(requests)]
+        tagged = [dataclasses.replace(r, tag=i) for i, r in enumerate(requests)]
         for event in self.stream_many(tagged):
             if event.kind == "done":
                 assert event.result is not None

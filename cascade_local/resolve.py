@@ -50,5 +50,3 @@ def fetch(entry: ModelEntry, recipe: Recipe, target: Path) -> Path:
     convert(checkpoint, target, recipe, name=entry.name)
     return target
 
-
-__all__ = ["LOCAL_HINT", "ModelNotFoundError", "local_path", "resolve_model"]

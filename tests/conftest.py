@@ -65,6 +65,21 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.fixture
+def llama_arch_gguf(tmp_path: Path) -> Path:
+    """A valid GGUF of another architecture (llama), to check it is named and refused."""
+    import gguf
+
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def run_cli(*args: str, input: str | None = None, timeout: float = 120, env: dict | None = None,
             **kw) -> subprocess.CompletedProcess:
     """The real command in a child process, as a user runs it (stdout and stderr not terminals)."""

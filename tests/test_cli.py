@@ -99,16 +99,6 @@ def test_chat_with_a_truncated_gguf(tiny_gguf, tmp_path):
     assert result.returncode == 2 and "is damaged" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_chat_with_another_architecture_names_it(tmp_path):
-    import gguf
-    import numpy as np
-
-    path = tmp_path / "llama.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    result = run_cli("chat", str(path), input="")
+def test_chat_with_another_architecture_names_it(llama_arch_gguf):
+    result = run_cli("chat", str(llama_arch_gguf), input="")
     assert result.returncode == 2 and "is a llama model; cascade-local runs nemotron_h_moe" in result.stderr

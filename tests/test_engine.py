@@ -126,18 +126,9 @@ def test_prompt_longer_than_the_context_is_refused(model):
         engine.generate(Request([20 + i % 700 for i in range(engine.n_ctx)], GREEDY))
 
 
-def test_other_architecture_is_named(tmp_path):
-    import gguf
-
-    path = tmp_path / "llama.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def test_other_architecture_is_named(llama_arch_gguf):
     with pytest.raises(ModelLoadError, match="is a llama model"):
-        LoadedModel(path)
+        LoadedModel(llama_arch_gguf)
 
 
 def test_follow_up_turns_reuse_the_evaluated_prompt(model):
