@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from cascade_local.errors import ModelNotFoundError
@@ -10,11 +11,23 @@ CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
 
 def download_checkpoint(repo: str, *, hint: str) -> Path:
+    """The repository's checkpoint files (resumable, shown with huggingface-hub's own progress bars)."""
     import huggingface_hub
+
+    return _guarded(repo, hint, lambda: Path(huggingface_hub.snapshot_download(repo, allow_patterns=CHECKPOINT_FILES)))
+
+
+def download_file(repo: str, filename: str, *, hint: str) -> Path:
+    import huggingface_hub
+
+    return _guarded(repo, hint, lambda: Path(huggingface_hub.hf_hub_download(repo, filename)))
+
+
+def _guarded(repo: str, hint: str, fetch: Callable[[], Path]) -> Path:
     from huggingface_hub import errors as hub_errors
 
     try:
-        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=CHECKPOINT_FILES))
+        return fetch()
     except hub_errors.RepositoryNotFoundError:
         raise ModelNotFoundError(f"the Hugging Face Hub has no repository {repo}. {hint}") from None
     except (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError, OSError) as exc:

@@ -19,6 +19,7 @@ class ModelEntry:
     hf_repo: str
     description: str = ""
     recipe: str = ""
+    gguf: list[dict[str, str]] = field(default_factory=list)  # prebuilt files: [{repo, file}]
     context_length: int = 0
     sampling: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -30,7 +31,7 @@ class ModelEntry:
     def from_dict(cls, name: str, raw: dict[str, Any]) -> ModelEntry:
         if not isinstance(raw.get("hf_repo"), str):
             raise CascadeError(f"models.toml: model {name!r} needs an hf_repo string")
-        known = {k: raw[k] for k in ("hf_repo", "description", "recipe", "context_length", "sampling")
+        known = {k: raw[k] for k in ("hf_repo", "description", "recipe", "context_length", "sampling", "gguf")
                  if k in raw}
         return cls(name=name, **known)
 

@@ -64,7 +64,7 @@ def test_chat_with_a_file_that_is_not_gguf(tmp_path):
 
 def test_chat_with_a_checkpoint_folder_suggests_convert(tiny_dir):
     result = run_cli("chat", str(tiny_dir), input="")
-    assert result.returncode == 1 and "convert it first" in result.stderr
+    assert result.returncode == 1 and "convert it once with: cascade-local pull" in result.stderr
 
 
 def test_chat_turn_and_thinking_toggle(tiny_gguf):

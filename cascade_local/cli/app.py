@@ -38,12 +38,15 @@ def root(
 
 
 def _register() -> None:
-    from cascade_local.cli import chat_cmd, convert_cmd, info_cmd, plan_cmd
+    from cascade_local.cli import chat_cmd, convert_cmd, info_cmd, models_cmd, plan_cmd
 
     app.command("convert")(convert_cmd.convert)
     app.command("chat")(chat_cmd.chat)
     app.command("info")(info_cmd.info)
     app.command("plan")(plan_cmd.plan)
+    app.command("pull")(models_cmd.pull)
+    app.command("list")(models_cmd.list_)
+    app.command("rm")(models_cmd.rm)
 
 
 def _silence_stdout() -> None:

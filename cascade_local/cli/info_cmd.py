@@ -16,10 +16,11 @@ from rich.text import Text
 from cascade_local.cli.console import out_console
 from cascade_local.gguf_info import human_bytes, printable, read_gguf
 from cascade_local.model_summary import ModelSummary, summarize, tensor_class
+from cascade_local.models import find_local
 
 
 def info(
-    path: Path = typer.Argument(..., help="A .gguf file (ours or any other tool's)."),
+    path: Path = typer.Argument(..., help="A .gguf file (ours or any other tool's), or a local model's name."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor."),
 ) -> None:
@@ -30,6 +31,8 @@ def info(
 
     Example: cascade-local info model.gguf --json
     """
+    if not path.exists() and (local := find_local(str(path))) is not None:
+        path = local.path
     summary = summarize(read_gguf(path))
     if json_:
         sys.stdout.write(json.dumps(summary.to_dict(tensors=tensors), indent=2) + "\n")
