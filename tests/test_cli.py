@@ -23,10 +23,16 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"cascade-local {__version__}"
 
 
-@pytest.mark.parametrize("command", ["convert", "chat"])
-def test_help_has_an_example(command):
-    result = run_cli(command, "--help")
-    assert result.returncode == 0 and "Example: cascade-local" in result.stdout
+def test_every_command_has_help_with_an_example():
+    from cascade_local.cli.app import _register, app
+
+    _register()
+    commands = [c.name for c in app.registered_commands]
+    assert {"convert", "chat", "info", "plan", "pull", "list", "rm"} <= set(commands)
+    for command in commands:
+        result = run_cli(command, "--help")
+        flat = " ".join(result.stdout.split())
+        assert result.returncode == 0 and f"Example: cascade-local {command}" in flat, command
 
 
 def test_convert_pipes_cleanly(tiny_dir, tmp_path):
