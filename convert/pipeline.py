@@ -115,7 +115,8 @@ def convert(
         writer = GGUFStreamWriter(out, ARCH)
         n_params = sum(t.n_elements for t in planned)
         n_expert_params = sum(t.n_elements for t in planned if t.stacked)
-        write_general(writer.meta, name or src.resolve().name, str(src.resolve()), policy.file_type,
+        # Only the folder's name: an absolute path would publish the user's directory layout in the file.
+        write_general(writer.meta, name or src.resolve().name, src.resolve().name, policy.file_type,
                       policy.name, size_label(ckpt.config, n_params, n_expert_params))
         write_hparams(writer.meta, ckpt.config)
         write_sampling_defaults(writer.meta, src)
