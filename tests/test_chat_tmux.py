@@ -1,0 +1,142 @@
+"""`cascade-local chat` in a real terminal: tmux runs it, send-keys types, capture-pane reads the screen.
+
+This is the path people use (prompt_toolkit input, live Markdown, the collapsing reasoning block, Ctrl-C), which
+the pipe-driven tests in test_cli.py never reach.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TMUX = shutil.which("tmux")
+pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
+
+STATS = re.compile(r"^\d+ tokens \(\d+ thinking\), [\d.]+ tok/s", re.M)
+THOUGHT = re.compile(r"^thought for \d+ tokens?, \d+\.\d s$", re.M)
+
+
+class Pane:
+    """A detached tmux session on a private socket, running one command."""
+
+    def __init__(self, socket: Path, command: str, width: int = 120, height: int = 40):
+        self.socket = socket
+        self.tmux("new-session", "-d", "-s", "chat", "-x", str(width), "-y", str(height), command)
+
+    def tmux(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([TMUX, "-S", str(self.socket), *args], capture_output=True, text=True, timeout=10)
+
+    def screen(self) -> str:
+        """The scrollback and the screen, wrapped lines joined."""
+        return self.tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "chat").stdout
+
+    def type(self, text: str, enter: bool = True) -> None:
+        self.tmux("send-keys", "-t", "chat", "-l", text)
+        if enter:
+            time.sleep(0.2)  # let prompt_toolkit take the text (and its completion menu) before Enter
+            self.tmux("send-keys", "-t", "chat", "Enter")
+
+    def key(self, name: str) -> None:
+        self.tmux("send-keys", "-t", "chat", name)
+
+    def alive(self) -> bool:
+        return self.tmux("has-session", "-t", "chat").returncode == 0
+
+    def wait(self, check, what: str, timeout: float = 30) -> str:
+        """Polls the screen until check(screen) is true."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if check(screen):
+                return screen
+            if not self.alive():
+                pytest.fail(f"the chat ended while waiting for {what}")
+            time.sleep(0.05)
+        pytest.fail(f"timed out waiting for {what}; the screen:\n{self.screen()}")
+
+    def wait_prompts(self, n: int) -> str:
+        return self.wait(lambda s: len(re.findall(r"^>>>", s, re.M)) >= n, f"prompt number {n}")
+
+    def close(self) -> None:
+        self.tmux("kill-server")
+
+
+@pytest.fixture
+def chat_pane(tmp_path, tiny_gguf):
+    home = tmp_path / "home"
+    rc = tmp_path / "rc"
+    command = " ".join(shlex.quote(a) for a in [
+        "env", "-u", "NO_COLOR", "-u", "FORCE_COLOR", "-u", "COLUMNS", "-u", "LINES", f"CASCADE_LOCAL_HOME={home}",
+        sys.executable, "-m", "cascade_local", "chat", str(tiny_gguf("q8_0")), "--max-tokens", "5000",
+        "--temperature", "0"])
+    # The exit code is written to a file: the session itself ends with the chat.
+    pane = Pane(tmp_path / "tmux.sock", f"{command}; echo $? > {shlex.quote(str(rc))}")
+    try:
+        yield pane, home, rc
+    finally:
+        pane.close()
+
+
+def test_chat_in_a_real_terminal(chat_pane, tmp_path):
+    pane, home, rc = chat_pane
+    pane.wait_prompts(1)
+
+    # A turn with thinking: the reasoning block collapses to its summary, then the stats line.
+    pane.type("Hello")
+    screen = pane.wait(lambda s: len(STATS.findall(s)) >= 1, "the first stats line")
+    assert THOUGHT.search(screen), screen
+    assert "thinking…" not in screen  # the live label is gone once the block collapsed
+
+    # Without thinking: an answer appears between the question and the stats line.
+    pane.type("/think off")
+    pane.wait(lambda s: "thinking off" in s, "thinking off")
+    pane.type("Hi again")
+    screen = pane.wait(lambda s: len(STATS.findall(s)) >= 2, "the second stats line")
+    turn = screen.split(">>> Hi again", 1)[1]
+    answer = turn[:STATS.search(turn).start()]
+    assert answer.strip(), screen
+
+    # Completion: /sta + Tab becomes /stats.
+    pane.type("/sta", enter=False)
+    time.sleep(0.3)
+    pane.key("Tab")
+    pane.wait(lambda s: re.search(r"^>>> /stats\s*$", s, re.M), "the completed /stats")
+    pane.key("Enter")
+    screen = pane.wait(lambda s: "session: 2 answers" in s, "/stats")
+    assert re.search(r"last answer: \d+ tokens", screen) and re.search(r"memory: [\d.]+ \w+ resident", screen)
+    assert "placement: " in screen
+
+    saved = tmp_path / "saved chat.json"
+    pane.type(f'/save "{saved}"')
+    pane.wait(lambda s: "saved 4 messages" in s, "/save")
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 2
+    assert data["messages"][2]["content"] == "Hi again" and data["settings"]["thinking"] is False
+
+    # Ctrl-C during a long answer stops it; the chat goes on. (Greedy, this question runs ~2000 tokens.)
+    pane.type("/clear")
+    pane.wait(lambda s: "conversation cleared" in s, "/clear")
+    pane.type("hi")
+    pane.wait(lambda s: ">>> hi\n" in s and len(s.split(">>> hi\n", 1)[1].strip()) > 20, "the answer to start")
+    pane.key("C-c")
+    pane.wait(lambda s: re.search(r"^stopped\n>>>", s, re.M), "stopped, and the prompt")
+    pane.type("Still there?")
+    pane.wait(lambda s: STATS.search(s.split(">>> Still there?", 1)[-1]), "an answer after Ctrl-C")
+
+    # The input history is kept under CASCADE_LOCAL_HOME.
+    assert "+Still there?" in (home / "chat_history").read_text(encoding="utf-8")
+
+    pane.type("/exit")
+    deadline = time.monotonic() + 15
+    while pane.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pane.alive(), "the chat did not end after /exit"
+    assert rc.read_text().strip() == "0"
