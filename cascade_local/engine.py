@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import dataclasses
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -133,8 +134,8 @@ class Engine:
         params.n_ubatch = self.n_batch
         params.n_seq_max = n_seq_max
         params.kv_unified = False  # each sequence its own n_ctx / n_seq_max cells, as the planner counts them
-        if threads:
-            params.n_threads = params.n_threads_batch = threads
+        # llama.cpp's own default is 4 threads whatever the machine: use every core unless told otherwise.
+        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
         params.no_perf = True
         self.expert_stats = expert_stats
         if expert_stats is not None:

@@ -108,3 +108,16 @@ def test_chat_with_a_truncated_gguf(tiny_gguf, tmp_path):
 def test_chat_with_another_architecture_names_it(llama_arch_gguf):
     result = run_cli("chat", str(llama_arch_gguf), input="")
     assert result.returncode == 2 and "is a llama model; cascade-local runs nemotron_h_moe" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["info", "{gguf}"], ["plan", "{gguf}"], ["convert", "--help"], ["--help"]])
+def test_a_closed_pipe_ends_quietly(tiny_gguf, command):
+    import shlex
+    import subprocess
+    import sys
+
+    args = " ".join(shlex.quote(a.format(gguf=tiny_gguf("q8_0"))) for a in command)
+    script = f"set -o pipefail; {shlex.quote(sys.executable)} -m cascade_local {args} | head -1"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and len(result.stdout.splitlines()) <= 1

@@ -38,15 +38,27 @@ def root(
 
 
 def _register() -> None:
-    from cascade_local.cli import chat_cmd, convert_cmd, info_cmd, models_cmd, plan_cmd
+    from cascade_local.cli import batch_cmd, chat_cmd, convert_cmd, info_cmd, models_cmd, plan_cmd, run_cmd
 
     app.command("convert")(convert_cmd.convert)
     app.command("chat")(chat_cmd.chat)
     app.command("info")(info_cmd.info)
     app.command("plan")(plan_cmd.plan)
+    app.command("run")(run_cmd.run)
+    app.command("batch")(batch_cmd.batch)
     app.command("pull")(models_cmd.pull)
     app.command("list")(models_cmd.list_)
     app.command("rm")(models_cmd.rm)
+
+
+def _stdout_gone() -> bool:
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        now, null = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return True
+    return (now.st_rdev, now.st_ino) == (null.st_rdev, null.st_ino) and not _STARTED_ON_DEVNULL
 
 
 def _silence_stdout() -> None:
@@ -83,22 +95,44 @@ def run_guarded(fn: Callable[[], Any]) -> int:
 
 def _invoke() -> int:
     """Click in non-standalone mode, so that its exits and errors come back here to be mapped."""
+    # Typer >= 0.2x raises the exceptions of its own vendored click (typer.Exit, typer.Abort, and
+    # TyperException subclasses for bad options), not click's: both are mapped.
     try:
         result = app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except SystemExit as exc:
+        # Rich and click answer a closed stdout (`| head -1`) by pointing it at /dev/null (or wrapping
+        # it) and exiting 1; a reader that stopped reading is not an error here.
+        if exc.code == 1 and _stdout_gone():
+            _silence_stdout()
+            return 0
+        raise
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
-    except click.exceptions.Abort:  # Ctrl-D / Ctrl-C inside a click prompt
+    except (click.exceptions.Abort, typer.Abort):  # Ctrl-D / Ctrl-C inside a click prompt
         _say_interrupted()
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except (click.ClickException, getattr(typer, "TyperException", click.ClickException)) as exc:
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            print(f"Error: {exc}", file=sys.stderr)
         return 1  # usage errors are 1; 2 is kept for model and load errors
     if result == 130:  # typer turns Ctrl-C into Exit(130), which non-standalone mode returns
         _say_interrupted()
     return result if isinstance(result, int) else 0
 
 
+_STARTED_ON_DEVNULL = False
+
+
 def main() -> None:
+    global _STARTED_ON_DEVNULL
+    try:
+        first, null = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+        _STARTED_ON_DEVNULL = (first.st_rdev, first.st_ino) == (null.st_rdev, null.st_ino)
+    except (OSError, ValueError):
+        pass
     _register()
     code = run_guarded(_invoke)
     try:

@@ -1,0 +1,98 @@
+"""`cascade-local batch`: answer every prompt of a file into a JSONL file, resumable after a crash."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cascade_local.cli.console import err_console
+
+
+def batch(
+    input: Path = typer.Argument(..., exists=True, dir_okay=False, show_default=False, metavar="INPUT",
+                                 help="Prompts: JSONL ({\"id\", \"prompt\" | \"messages\", options...} per line) or "
+                                 "one prompt per line."),
+    output: Path = typer.Option(..., "--output", "-o", show_default=False, metavar="OUTPUT",
+                                help="JSONL file of answers, one record per item as it completes."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Registry name (default: nemotron-cascade-2) or a "
+                                     ".gguf path."),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume", show_default=False, help="Continue an existing "
+                                       "OUTPUT (the default): skip ids answered there, retry those that failed. "
+                                       "--no-resume refuses an existing OUTPUT."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT instead of resuming it."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Items decoded at once."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason (an item's \"think\" wins)."),
+    budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per item (reasoning included)."),
+    system: str | None = typer.Option(None, "--system", help="System prompt for items without their own."),
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0: greedy (default from "
+                                             "models.toml per thinking mode)."),
+    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Keep the K likeliest tokens (0: off)."),
+    min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below P × the best."),
+    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
+    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length per item, in tokens."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM."),
+    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM."),
+    override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE, as llama.cpp's "
+                                              "-ot. Repeatable."),
+) -> None:
+    """Answer every prompt of INPUT into OUTPUT (JSONL), resuming where a stopped or crashed run left off.
+
+    Each record is on disk once written; bad lines and failed items are recorded with their error and the
+    job goes on. Resuming skips the ids answered in OUTPUT, retries those that failed, and cuts off a
+    half-written last line. Prints OUTPUT's path on stdout, a summary on stderr.
+
+    Example: cascade-local batch questions.jsonl -o answers.jsonl --parallel 4 --max-tokens 1024
+    """
+    from cascade_local.batch import ItemSettings, open_batch, run_batch
+    from cascade_local.cli.run_cmd import write_stdout
+    from cascade_local.errors import UsageError
+    from cascade_local.runtime import PlacementOptions, open_engine
+
+    if force and resume:
+        raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
+    settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
+    with open_batch(input, output, resume=resume is not False, force=force) as job:
+        engine = None
+        if job.todo:  # everything answered already: no need to load a model
+            with err_console.status("loading"):
+                engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
+                    gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+        with _Progress() as progress:
+            summary = run_batch(job, engine, settings, observer=progress)
+    err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)
+    write_stdout(f"{output}\n")
+
+
+class _Progress:
+    """Items done/total, tokens/s and ETA on stderr; only when stderr is a terminal (logs stay clean)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]:.1f} tok/s"), TimeRemainingColumn(),
+                             console=err_console, transient=True, disable=not err_console.is_terminal)
+        self._task = self._bar.add_task("batch", total=0, rate=0.0)
+        self._tokens, self._started = 0, time.perf_counter()
+
+    def start(self, total: int) -> None:
+        self._bar.update(self._task, total=total)
+
+    def record(self, record: dict[str, Any], completion_tokens: int) -> None:
+        self._tokens += completion_tokens
+        self._bar.update(self._task, advance=1, rate=self._tokens / max(time.perf_counter() - self._started, 1e-9))
+
+    def __enter__(self) -> _Progress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()

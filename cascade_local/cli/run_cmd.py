@@ -1,0 +1,114 @@
+"""`cascade-local run`: one prompt in, the answer out on stdout, for scripts and pipes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from cascade_local.cli.console import err_console
+
+if TYPE_CHECKING:
+    from cascade_local.engine import Event, Result
+
+
+def run(
+    model: str | None = typer.Argument(None, show_default=False, metavar="MODEL", help="Registry name or .gguf "
+                                       "path. May be left "
+                                       "out: a single argument that is not an existing path, a registry name or a "
+                                       "*.gguf name is the PROMPT, and the default model answers it."),
+    prompt: str | None = typer.Argument(None, show_default=False, metavar="PROMPT", help="The instruction. Text "
+                                        "piped on stdin (and -f files) comes first, as context, then a blank line "
+                                        "and PROMPT."),
+    file: list[Path] = typer.Option([], "--file", "-f", exists=True, dir_okay=False, metavar="FILE",
+                                    help="Read prompt context "
+                                    "from FILE (repeatable; placed before stdin and PROMPT)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (content, reasoning, usage, "
+                                  "timings, finish_reason, model) instead of streaming the answer."),
+    show_thinking: bool = typer.Option(False, "--show-thinking", help="Stream the reasoning to stderr."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
+    budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template; all output "
+                             "is content."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens to generate (reasoning included)."),
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0: greedy (default from "
+                                             "models.toml: 1.0 thinking, 0.6 without)."),
+    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Keep the K likeliest tokens (0: off)."),
+    min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below P × the best."),
+    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats "
+                                                "(1.0: off)."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
+    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length in tokens."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM."),
+    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM."),
+    override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE, as llama.cpp's "
+                                              "-ot. Repeatable."),
+) -> None:
+    """Answer one prompt: the answer goes to stdout, everything else to stderr.
+
+    Stdin is read when it is not a terminal. Exit codes: 0 done, 1 usage error, 2 model error, 130 interrupted.
+
+    Example: cascade-local run model.gguf "Explain this diff" < change.diff
+    """
+    from cascade_local import oneshot
+    from cascade_local.runtime import PlacementOptions, open_engine
+
+    spec, instruction = oneshot.split_positionals(model, prompt)
+    piped = None if sys.stdin is None or sys.stdin.isatty() else oneshot.decode_text(sys.stdin.buffer.read(), "stdin")
+    sampling = oneshot.sampling_for(think and not raw, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    job = oneshot.OneShot(oneshot.compose_prompt(instruction, piped, file), system, think and not raw, budget,
+                          max_tokens, sampling, raw)
+    with err_console.status("loading"):
+        engine, _ = open_engine(spec, ctx=ctx, threads=threads,
+                                placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+    result = _show(oneshot.stream(engine, job), json_out, show_thinking)
+    if json_out:
+        write_stdout(json.dumps(oneshot.result_json(result, engine.model.path.name), ensure_ascii=False) + "\n")
+    elif err_console.is_terminal:
+        err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
+                          f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
+                          style="dim", highlight=False)
+
+
+def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Result:
+    """Streams the answer to stdout (unless --json) and the reasoning to stderr (if asked); returns the Result."""
+    from cascade_local.oneshot import trim_content
+
+    last, wrote = None, False
+    for event in trim_content(events):
+        if event.kind == "done":
+            assert event.result is not None
+            if last == "reasoning" and show_thinking:
+                err_console.print()
+            if wrote:
+                write_stdout("\n")
+            return event.result
+        if event.kind == "reasoning" and show_thinking:
+            err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
+        elif event.kind == "content" and not json_out:
+            if last == "reasoning" and show_thinking:
+                err_console.print()
+            write_stdout(event.text)
+            wrote = True
+        last = event.kind
+    raise AssertionError("the engine ended a stream without a result")
+
+
+def write_stdout(text: str) -> None:
+    """Writes and flushes at once: readers see the answer as it comes, and a closed pipe is noticed here."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Typer catches an OSError with errno EPIPE around every command and exits 1 with it. One without
+        # an errno passes through to the app's handler, which ends quietly with 0, as `| head -1` expects.
+        raise BrokenPipeError() from None
