@@ -117,7 +117,7 @@ class Engine:
     """Decodes up to `n_seq_max` requests at once on one context of `n_ctx` tokens in total."""
 
     def __init__(self, model: LoadedModel, *, n_ctx: int = 8192, n_seq_max: int = 1, n_batch: int = 512,
-                 threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] = SamplerChain,
+                 threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] | None = None,
                  expert_stats: ExpertStats | None = None):
         import llama_cpp
 
@@ -126,7 +126,8 @@ class Engine:
         self._lib = llama_cpp
         self.model = model
         self.n_seq_max = n_seq_max
-        self._sampler_factory = sampler_factory
+        self._sampler_factory = sampler_factory or (
+            lambda params: SamplerChain(params, model.eog_tokens if params.ignore_eos else (), model.n_vocab))
         self.n_batch = max(n_batch, n_seq_max)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx

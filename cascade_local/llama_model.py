@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,11 @@ class LoadedModel:
             buf = ctypes.create_string_buffer(-n)
             n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
         return buf.raw[:n]
+
+    @functools.cached_property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (end of turn, end of text...), as llama.cpp marks them."""
+        return tuple(t for t in range(self.n_vocab) if self._lib.llama_vocab_is_eog(self.vocab, t))
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))

@@ -20,6 +20,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    ignore_eos: bool = False  # never choose an end-of-generation token (benchmarks, stress tests)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -37,7 +38,7 @@ class SamplingParams:
 class SamplerChain:
     """An owned llama.cpp sampler chain; `sample(ctx, i)` picks (and accepts) the token for output row i."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, eog_tokens: tuple[int, ...] = (), n_vocab: int = 0):
         import llama_cpp
 
         self._lib = llama_cpp
@@ -45,6 +46,10 @@ class SamplerChain:
         chain_params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(chain_params)
         add = lambda s: llama_cpp.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        if params.ignore_eos and eog_tokens:
+            biases = (llama_cpp.llama_logit_bias * len(eog_tokens))(
+                *[llama_cpp.llama_logit_bias(t, float("-inf")) for t in eog_tokens])
+            add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
         if params.repeat_penalty != 1.0:
             add(llama_cpp.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         if params.temperature == 0:

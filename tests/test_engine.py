@@ -163,3 +163,13 @@ def test_expert_statistics_count_every_routed_token(model):
     for counts in layers.values():
         assert counts.sum() == 2 * decoded  # two experts per token
         assert (counts > 0).sum() >= 2  # routing varies across tokens
+
+
+def test_ignore_eos_generates_past_the_end_of_turn(model):
+    engine = Engine(model, n_ctx=2048, threads=2)
+    tokens = prompt(model, "Hello", thinking=True)
+    natural = engine.generate(Request(tokens, GREEDY, max_tokens=600, in_reasoning=True))
+    assert natural.finish_reason == "stop" and natural.completion_tokens < 600
+    forced = engine.generate(Request(tokens, SamplingParams(temperature=0, ignore_eos=True), max_tokens=600,
+                                     in_reasoning=True))
+    assert forced.finish_reason == "length" and forced.completion_tokens == 600

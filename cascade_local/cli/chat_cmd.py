@@ -24,6 +24,8 @@ def chat(
                                        "(default from models.toml: 0.95)."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per answer."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past the end of the turn, up to "
+                                    "--max-tokens (as llama.cpp's --ignore-eos; for benchmarks and tests)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
     gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0."),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM."),
@@ -68,7 +70,8 @@ def chat(
     def sampling(thinking: bool) -> SamplingParams:
         defaults = entry.sampling_defaults(thinking)
         return SamplingParams(temperature=temperature if temperature is not None else defaults.get("temperature", 1.0),
-                              top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed)
+                              top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed,
+                              ignore_eos=ignore_eos)
 
     session = ChatSession(Conversation(engine, system), TurnSettings(think, budget, max_tokens, sampling(think)),
                           sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console)
