@@ -25,6 +25,8 @@ MARK = "<!-- example -->"
 VOLATILE = [
     (re.compile(r"[\d.]+ [KMGT]?B read in [\d.]+ s \([\d.]+ [KMGT]?B/s\)"), "<size> read in <time> (<rate>)"),
     (re.compile(r"[\d.]+ [KMG]iB available"), "<free> available"),
+    # The RAM headroom (and so the RAM total) is a share of the memory free when the plan is made.
+    (re.compile(r"^(\s*(headroom|total)\s.*)$"), r"<\2: depends on free memory>"),
     (re.compile(r"\b\d+ days ago\b|\btoday\b"), "<age>"),
     (re.compile(r'("(?:prompt|generation)_(?:tokens_per_second|seconds)": )[\d.e-]+'), r"\1<t>"),
     (re.compile(r"in [\d.]+ s \([\d.]+ tokens/s, [\d.]+ items/s\)"), "in <t> (<rate>)"),
@@ -34,9 +36,11 @@ VOLATILE = [
 def normalise(text: str) -> list[str]:
     lines = []
     for line in text.splitlines():
+        original = line
         for pattern, placeholder in VOLATILE:
             line = pattern.sub(placeholder, line)
-        lines.append(line.rstrip())
+        # A centred line (a table caption) moves when its numbers change length.
+        lines.append(line.strip() if line != original else line.rstrip())
     while lines and not lines[-1]:
         lines.pop()
     return lines
