@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cascade_local.chat_template import Message
-from cascade_local.engine import Engine, Request, Result
+from cascade_local.engine import Engine, Event, Request, Result
 from cascade_local.errors import CascadeError, UsageError
 from cascade_local.oneshot import build_messages, decode_text, render_prompt, sampling_for, usage_json
+from cascade_local.remote import ChatRequest, RemoteEngine
 
 Id = str | int
 
@@ -402,7 +403,26 @@ class BatchSummary:
                 f"tokens/s, {self.items_per_second:.2f} items/s){cut}")
 
 
-def run_batch(job: BatchJob, engine: Engine | None, settings: ItemSettings = ItemSettings(), *,
+@dataclass
+class RemoteBackend:
+    """A server instead of the local engine: items go out as chat requests, `parallel` in flight at once.
+
+    The server renders and tokenizes; a connection that fails after the retries (server killed, gone)
+    ends the job like a local decode error: what was written stays, and a resume continues from there.
+    """
+
+    engine: RemoteEngine
+    parallel: int = 4
+
+    @property
+    def n_seq_max(self) -> int:
+        return self.parallel
+
+    def stream_many(self, requests: list[ChatRequest]) -> Iterator[Event]:
+        return self.engine.stream_many(requests, parallel=self.parallel)
+
+
+def run_batch(job: BatchJob, engine: Engine | RemoteBackend | None, settings: ItemSettings = ItemSettings(), *,
               observer: BatchObserver | None = None, chunk: int | None = None) -> BatchSummary:
     """Records the new errors, then answers `job.todo` through `engine.stream_many`, `n_seq_max` at a time.
 
@@ -435,10 +455,11 @@ def run_batch(job: BatchJob, engine: Engine | None, settings: ItemSettings = Ite
         defaults = {mode: _mode_defaults(mode) for mode in (True, False)}
         size = chunk or 16 * engine.n_seq_max
         for first in range(0, len(todo), size):
-            requests: list[Request] = []
+            requests: list[Any] = []
+            prepare = prepare_chat_request if isinstance(engine, RemoteBackend) else prepare_request
             for index in range(first, min(first + size, len(todo))):
                 try:
-                    requests.append(prepare_request(engine, todo[index], settings, defaults, tag=index))
+                    requests.append(prepare(engine, todo[index], settings, defaults, tag=index))
                 except CascadeError as exc:
                     write(error_record(todo[index], str(exc)))
             for event in engine.stream_many(requests):
@@ -455,13 +476,33 @@ def _mode_defaults(thinking: bool) -> dict[str, Any]:
     return load_registry().get(None).sampling_defaults(thinking)
 
 
-def prepare_request(engine: Engine, item: BatchItem, settings: ItemSettings,
-                    defaults: Mapping[bool, Mapping[str, Any]] | None = None, tag: Any = None) -> Request:
-    """The item's chat rendered and tokenized with its settings; a CascadeError says why it cannot run."""
+def _item_settings(item: BatchItem, settings: ItemSettings,
+                   defaults: Mapping[bool, Mapping[str, Any]] | None) -> tuple[ItemSettings, list[Message], Any]:
     s = dataclasses.replace(settings, **item.options)
     messages = item.messages
     if s.system and not (messages and messages[0].get("role") == "system"):
         messages = [{"role": "system", "content": s.system}, *messages]
+    if s.max_tokens < 1 or (s.budget is not None and s.budget < 1):
+        raise UsageError("max_tokens and budget must be at least 1")
+    sampling = sampling_for(s.thinking, defaults=None if defaults is None else defaults[s.thinking],
+                            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                            repeat_penalty=s.repeat_penalty, seed=s.seed)
+    return s, messages, sampling
+
+
+def prepare_chat_request(backend: RemoteBackend, item: BatchItem, settings: ItemSettings,
+                         defaults: Mapping[bool, Mapping[str, Any]] | None = None, tag: Any = None) -> ChatRequest:
+    """The item as a chat request for a server (which applies its own template)."""
+    s, messages, sampling = _item_settings(item, settings, defaults)
+    if s.budget is not None:
+        raise UsageError("a thinking budget needs the local engine")
+    return ChatRequest(messages, s.thinking, sampling, s.max_tokens, tag=tag)
+
+
+def prepare_request(engine: Engine, item: BatchItem, settings: ItemSettings,
+                    defaults: Mapping[bool, Mapping[str, Any]] | None = None, tag: Any = None) -> Request:
+    """The item's chat rendered and tokenized with its settings; a CascadeError says why it cannot run."""
+    s, messages, sampling = _item_settings(item, settings, defaults)
     tokens = engine.model.encode_prompt(render_prompt(engine.model.template, messages, thinking=s.thinking))
     per_sequence = engine.n_ctx // engine.n_seq_max
     if not tokens:
@@ -469,10 +510,5 @@ def prepare_request(engine: Engine, item: BatchItem, settings: ItemSettings,
     if len(tokens) + 1 > per_sequence:
         raise UsageError(f"the prompt is {len(tokens)} tokens; the context holds {per_sequence} per sequence "
                          "(raise --ctx)")
-    if s.max_tokens < 1 or (s.budget is not None and s.budget < 1):
-        raise UsageError("max_tokens and budget must be at least 1")
-    sampling = sampling_for(s.thinking, defaults=None if defaults is None else defaults[s.thinking],
-                            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                            repeat_penalty=s.repeat_penalty, seed=s.seed)
     return Request(tokens, sampling, s.max_tokens, in_reasoning=s.thinking,
                    thinking_budget=s.budget if s.thinking else None, tag=tag)

@@ -215,7 +215,9 @@ class Engine:
         started = time.perf_counter()
         done = self._restore(seq, request.cache, tokens)
         slot.result.cached_tokens = done
-        cut = len(tokens) if request.cache_prefix is None else max(done, min(request.cache_prefix, len(tokens) - 1))
+        # The snapshot point leaves at least the last token to evaluate after it, for the logits to sample from.
+        prefix = len(tokens) - 1 if request.cache_prefix is None else request.cache_prefix
+        cut = max(done, min(prefix, len(tokens) - 1))
         if request.cache is not None:
             self._evaluate(seq, tokens, done, cut, logits_at_end=False)
             request.cache.tokens, request.cache.state = list(tokens[:cut]), self._snapshot(seq)

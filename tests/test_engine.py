@@ -173,3 +173,13 @@ def test_ignore_eos_generates_past_the_end_of_turn(model):
     forced = engine.generate(Request(tokens, SamplingParams(temperature=0, ignore_eos=True), max_tokens=600,
                                      in_reasoning=True))
     assert forced.finish_reason == "length" and forced.completion_tokens == 600
+
+
+def test_a_cache_without_a_prefix_snapshots_all_but_the_last_token(model):
+    from cascade_local.engine import PromptCache
+
+    engine = Engine(model, n_ctx=512, threads=2)
+    cache = PromptCache()
+    tokens = prompt(model, "Hello")
+    result = engine.generate(Request(tokens, GREEDY, max_tokens=4, cache=cache))
+    assert result.completion_tokens == 4 and cache.tokens == tokens[:-1]

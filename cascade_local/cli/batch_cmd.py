@@ -23,7 +23,11 @@ def batch(
                                        "OUTPUT (the default): skip ids answered there, retry those that failed. "
                                        "--no-resume refuses an existing OUTPUT."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT instead of resuming it."),
-    parallel: int = typer.Option(1, "--parallel", min=1, help="Items decoded at once."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Items decoded at once (requests in flight with "
+                                 "--endpoint)."),
+    endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Ask an OpenAI-compatible "
+                                        "server instead of loading a model: a URL or an [endpoints] name. --model, "
+                                        "if given, is the served model's name."),
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason (an item's \"think\" wins)."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per item (reasoning included)."),
@@ -61,7 +65,15 @@ def batch(
     settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
     with open_batch(input, output, resume=resume is not False, force=force) as job:
         engine = None
-        if job.todo:  # everything answered already: no need to load a model
+        if job.todo and endpoint:
+            from cascade_local.batch import RemoteBackend
+            from cascade_local.endpoints import resolve_endpoint
+
+            remote = resolve_endpoint(endpoint).engine()
+            if model:
+                remote.model = model
+            engine = RemoteBackend(remote, parallel)
+        elif job.todo:  # everything answered already: no need to load a model
             with err_console.status("loading"):
                 engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
                     gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))

@@ -26,6 +26,9 @@ def chat(
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per answer."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past the end of the turn, up to "
                                     "--max-tokens (as llama.cpp's --ignore-eos; for benchmarks and tests)."),
+    endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Chat with an OpenAI-compatible "
+                                        "server (vLLM, SGLang, llama-server): a URL or an [endpoints] name. MODEL, "
+                                        "if given, is the served model's name."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
     gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0."),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM."),
@@ -62,9 +65,21 @@ def chat(
     from cascade_local.runtime import PlacementOptions, open_engine
     from cascade_local.sampling import SamplingParams
 
-    placement = PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor))
-    with err_console.status("loading"):
-        engine, plan = open_engine(model, ctx=ctx, threads=threads, placement=placement)
+    plan = None
+    if endpoint:
+        from cascade_local.endpoints import resolve_endpoint
+        from cascade_local.remote_conversation import RemoteConversation
+
+        target = resolve_endpoint(endpoint)
+        remote = target.engine()
+        if model:
+            remote.model = model
+        conversation = RemoteConversation(remote, system, target.url)
+    else:
+        placement = PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor))
+        with err_console.status("loading"):
+            engine, plan = open_engine(model, ctx=ctx, threads=threads, placement=placement)
+        conversation = Conversation(engine, system)
     entry = load_registry().get(None)  # the recommended sampling of the model family
 
     def sampling(thinking: bool) -> SamplingParams:
@@ -73,9 +88,10 @@ def chat(
                               top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed,
                               ignore_eos=ignore_eos)
 
-    session = ChatSession(Conversation(engine, system), TurnSettings(think, budget, max_tokens, sampling(think)),
+    session = ChatSession(conversation, TurnSettings(think, budget, max_tokens, sampling(think)),  # type: ignore[arg-type]
                           sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console)
     err_console.print(session.banner(), highlight=False)
-    err_console.print(f"placement: {plan.verdict}", style="dim", highlight=False, markup=False)
+    where = f"placement: {plan.verdict}" if plan is not None else f"served by {endpoint}"
+    err_console.print(where, style="dim", highlight=False, markup=False)
     read = terminal_reader(history_file(home())) if sys.stdin.isatty() else plain_reader()
     return run_chat(session, read)

@@ -13,7 +13,8 @@ import typer
 from cascade_local.cli.console import err_console
 
 if TYPE_CHECKING:
-    from cascade_local.engine import Event, Result
+    from cascade_local.engine import Engine, Event, Result
+    from cascade_local.oneshot import OneShot
 
 
 def run(
@@ -51,6 +52,12 @@ def run(
     n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM."),
     override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE, as llama.cpp's "
                                               "-ot. Repeatable."),
+    endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Ask an OpenAI-compatible "
+                                        "server (vLLM, SGLang, llama-server) instead of loading a model: a URL or "
+                                        "an [endpoints] name from models.toml. MODEL, if given, is the served name."),
+    tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
+                                     "reasons: python (runs its code in a local Jupyter kernel; needs --yes)."),
+    yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking (run cannot ask)."),
 ) -> None:
     """Answer one prompt: the answer goes to stdout, everything else to stderr.
 
@@ -61,15 +68,26 @@ def run(
     from cascade_local import oneshot
     from cascade_local.runtime import PlacementOptions, open_engine
 
-    spec, instruction = oneshot.split_positionals(model, prompt)
+    if endpoint:
+        spec, instruction = (model, prompt) if prompt is not None else (None, model)
+    else:
+        spec, instruction = oneshot.split_positionals(model, prompt)
     piped = None if sys.stdin is None or sys.stdin.isatty() else oneshot.decode_text(sys.stdin.buffer.read(), "stdin")
     sampling = oneshot.sampling_for(think and not raw, temperature=temperature, top_p=top_p, top_k=top_k,
                                     min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     job = oneshot.OneShot(oneshot.compose_prompt(instruction, piped, file), system, think and not raw, budget,
                           max_tokens, sampling, raw)
+    if tools is not None:
+        _check_tools(tools, yes, endpoint, raw)
+    if endpoint:
+        _run_remote(endpoint, spec, job, json_out, show_thinking)
+        return
     with err_console.status("loading"):
         engine, _ = open_engine(spec, ctx=ctx, threads=threads,
                                 placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+    if tools is not None:
+        _run_tools(engine, job, tools, json_out, show_thinking)
+        return
     result = _show(oneshot.stream(engine, job), json_out, show_thinking)
     if json_out:
         write_stdout(json.dumps(oneshot.result_json(result, engine.model.path.name), ensure_ascii=False) + "\n")
@@ -77,6 +95,64 @@ def run(
         err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
                           f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
                           style="dim", highlight=False)
+
+
+def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool) -> None:
+    """`run --endpoint`: the same job, answered by a server that applies its own chat template."""
+    from cascade_local import oneshot
+    from cascade_local.endpoints import resolve_endpoint
+    from cascade_local.errors import UsageError
+
+    if job.raw or job.budget:
+        raise UsageError("--raw and --budget need the local engine; leave them out with --endpoint")
+    target = resolve_endpoint(endpoint)
+    with target.engine() as engine:
+        if served:
+            engine.model = served
+        events = engine.stream_chat(oneshot.build_messages(job.prompt, job.system), thinking=job.thinking,
+                                    sampling=job.sampling, max_tokens=job.max_tokens)
+        result = _show(events, json_out, show_thinking)
+    if json_out:
+        name = engine.model or target.url
+        write_stdout(json.dumps(oneshot.result_json(result, name), ensure_ascii=False) + "\n")
+
+
+def _check_tools(tools: str, yes: bool, endpoint: str | None, raw: bool) -> None:
+    from cascade_local.errors import UsageError
+
+    if not yes:
+        raise UsageError("--tools python runs the model's code on this machine, and run cannot ask before each "
+                         "call: add --yes to allow them all")
+    if endpoint or raw:
+        raise UsageError("--tools needs the local engine and the chat template: leave out --endpoint and --raw")
+
+
+def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_thinking: bool) -> None:
+    """`run --tools`: the answer as usual; each call's code and output go to stderr."""
+    from cascade_local.oneshot import build_messages
+    from cascade_local.tools import ToolLoop, make_tools
+
+    answer, started = None, False
+    with ToolLoop(engine, make_tools(tools), thinking=job.thinking, sampling=job.sampling,
+                  max_tokens=job.max_tokens, budget=job.budget, yes=True) as loop:
+        for event in loop.stream(build_messages(job.prompt, job.system)):
+            if event.kind == "reasoning" and show_thinking:
+                err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
+            elif event.kind == "content" and not json_out:
+                text = event.text if started else event.text.lstrip()
+                started = started or bool(text)
+                write_stdout(text)
+            elif event.kind == "tool_call":
+                err_console.print(f"\n[python]\n{event.text}", style="cyan", highlight=False, markup=False)
+            elif event.kind == "tool_result":
+                err_console.print(f"[output]\n{event.text}", style="dim", highlight=False, markup=False)
+            elif event.kind == "done":
+                answer = event.answer
+    assert answer is not None
+    if json_out:
+        write_stdout(json.dumps({**answer.to_dict(), "model": engine.model.path.name}, ensure_ascii=False) + "\n")
+    elif started:
+        write_stdout("\n")
 
 
 def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Result:
