@@ -263,3 +263,21 @@ def test_run_with_tools_and_yes_answers_in_json(tiny_gguf):
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["tool_calls"] == [] and out["usage"]["completion_tokens"] == 8 and out["finish_reason"] == "length"
+
+
+def test_ctrl_c_while_waiting_interrupts_the_kernel_too():
+    """KeyboardInterrupt in the waiting process must stop the code in the kernel, and the state survives."""
+    import signal
+    import threading
+
+    from cascade_local.tools.python_kernel import PythonKernel
+
+    with PythonKernel(timeout=30) as kernel:
+        kernel.execute("x = 5")
+        timer = threading.Timer(1.0, lambda: signal.raise_signal(signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            kernel.execute("import time\nwhile True: time.sleep(0.01)")
+        assert time.monotonic() - started < 10
+        assert "5" in kernel.execute("print(x)").output  # the kernel is free again, state kept

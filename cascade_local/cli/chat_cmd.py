@@ -35,6 +35,10 @@ def chat(
     n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM."),
     override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE (CPU, CUDA0...), "
                                               "as llama.cpp's -ot. Repeatable."),
+    tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
+                                     "reasons: python (runs its code in a local Jupyter kernel, asking before each "
+                                     "call). /tools on|off switches them."),
+    yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking."),
 ) -> int:
     """Chat with a model in the terminal: the answer rendered as Markdown.
 
@@ -42,12 +46,17 @@ def chat(
     ("thought for 412 tokens, 9.1 s") when the answer starts.
 
     Slash commands (/help lists them, Tab completes them): /think on|off,
-    /thinking show|hide, /budget N|off, /system TEXT, /clear, /retry,
+    /thinking show|hide, /budget N|off, /tools on|off, /system TEXT, /clear, /retry,
     /save FILE [--force], /load FILE, /stats, /model, /exit.
 
     Multi-line: a line starting with \"\"\" opens a block; a line ending with
     \"\"\" closes and sends it. Inputs are remembered across sessions
     (chat_history under $CASCADE_LOCAL_HOME).
+
+    With --tools python the model may run Python code in a local kernel that
+    lives as long as the conversation (/clear and /tools off end it); each
+    call's code and output are shown, and you confirm each call (y/N; from a
+    pipe, the next input line answers) unless --yes.
 
     Ctrl-C stops an answer and keeps what was said. Ctrl-C or Ctrl-D at the
     prompt leaves the chat, with exit code 0.
@@ -66,6 +75,13 @@ def chat(
     from cascade_local.sampling import SamplingParams
 
     plan = None
+    if tools is not None:
+        from cascade_local.errors import UsageError
+        from cascade_local.tools import make_tools
+
+        if endpoint:
+            raise UsageError("--tools needs the local engine and the chat template: leave out --endpoint")
+        make_tools(tools)  # an unknown name, or the tools extra missing, fails before the model loads
     if endpoint:
         from cascade_local.endpoints import resolve_endpoint
         from cascade_local.remote_conversation import RemoteConversation
@@ -89,7 +105,10 @@ def chat(
                               ignore_eos=ignore_eos)
 
     session = ChatSession(conversation, TurnSettings(think, budget, max_tokens, sampling(think)),  # type: ignore[arg-type]
-                          sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console)
+                          sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console,
+                          yes=yes)
+    if tools is not None:
+        session.enable_tools(tools)
     err_console.print(session.banner(), highlight=False)
     where = f"placement: {plan.verdict}" if plan is not None else f"served by {endpoint}"
     err_console.print(where, style="dim", highlight=False, markup=False)

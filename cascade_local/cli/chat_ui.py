@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from cascade_local.engine import Event, Result
     from cascade_local.placement import Plan
     from cascade_local.sampling import SamplingParams
+    from cascade_local.tools import Answer, CallRecord, LoopEvent, Tool, ToolCall
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -48,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/think": ("on|off", "answer with reasoning first, or directly"),
     "/thinking": ("show|hide", "stream the reasoning, or show only its one-line summary"),
     "/budget": ("N|off", "close the reasoning after N tokens"),
+    "/tools": ("on|off", "let the model run Python while it reasons (asks before each call unless --yes)"),
     "/system": ("[TEXT]", "set the system prompt (no text: remove it)"),
     "/clear": ("", "forget the conversation (the system prompt stays)"),
     "/retry": ("", "ask the last question again"),
@@ -59,7 +61,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/exit": ("", "leave the chat (Ctrl-D too)"),
 }
 ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help"}
-TOGGLES = {"/think": ("on", "off"), "/thinking": ("show", "hide")}  # name -> (true word, false word)
+# name -> (true word, false word)
+TOGGLES = {"/think": ("on", "off"), "/thinking": ("show", "hide"), "/tools": ("on", "off")}
 
 KEYS_HELP = (f"Multi-line: a line starting with {BLOCK} opens a block; a line ending with {BLOCK} closes and "
              "sends it.\n"
@@ -446,6 +449,8 @@ class TurnView:
         self.answer: MarkdownAnswer | None = None
         self._plain_reasoning = False  # reasoning was written to a stderr that is not a terminal, line unfinished
         self._thought_blocks = 0
+        self._thinking_mode = thinking
+        self._plain_text = False  # answer text written to a plain stdout since the last tool call
         if thinking:
             self._to_reasoning()
         else:
@@ -469,8 +474,56 @@ class TurnView:
         if self.answer is None and self._live_out:
             self.answer = MarkdownAnswer(self.out)
 
-    def feed(self, event: Event) -> None:
-        if event.kind == "reasoning":
+    def _end_blocks(self) -> None:
+        """Closes the live block in progress (a tool call is shown between blocks)."""
+        if self.thinking is not None:
+            self.thinking.collapse()
+            self.thinking = None
+        if self.answer is not None:
+            self.answer.finish()
+            self.answer = None
+        if self._plain_reasoning:
+            self.err.print()
+            self._plain_reasoning = False
+
+    def tool_call(self, call: CallRecord) -> None:
+        """The code the model wants to run: a highlighted panel on a terminal, plain text on stderr elsewhere."""
+        self._end_blocks()
+        name = call.name or "unknown tool"
+        if self._live_out:
+            from rich.panel import Panel
+            from rich.syntax import Syntax
+
+            code = Syntax(terminal_safe(call.code), "python", theme="ansi_dark", background_color="default",
+                          word_wrap=True)
+            self.out.print(Panel(code, title=escape(name), title_align="left", border_style="cyan"))
+        else:
+            if self._plain_text:  # the answer so far ends its line before the call is shown
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                self._plain_text = False
+            self.err.print(f"[tool call {name}]\n{call.code}", highlight=False, markup=False, soft_wrap=True)
+
+    def tool_result(self, call: CallRecord) -> None:
+        """What the call printed (as the tool returned it, truncated there), dim."""
+        if self._live_out:
+            from rich.panel import Panel
+
+            body = Text(terminal_safe(call.output), style="dim")
+            self.out.print(Panel(body, title="output", title_align="left", border_style="dim"))
+        else:
+            self.err.print(f"[tool output]\n{call.output}", style="dim", highlight=False, markup=False,
+                           soft_wrap=True)
+        if self._thinking_mode:  # the model goes on thinking
+            self._to_reasoning()
+
+    def feed(self, event: Event | LoopEvent) -> None:
+        call = getattr(event, "call", None)  # a ToolLoop event's call record
+        if event.kind == "tool_call" and call is not None:
+            self.tool_call(call)
+        elif event.kind == "tool_result" and call is not None:
+            self.tool_result(call)
+        elif event.kind == "reasoning":
             self._to_reasoning()
             if self.thinking is not None:
                 self.thinking.add(event.text)
@@ -484,6 +537,7 @@ class TurnView:
             else:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+                self._plain_text = self._plain_text or bool(event.text)
 
     def close(self, result: Result | None, interrupted: bool) -> None:
         """Ends the live blocks, then says how the turn ended (on an error too, before its message)."""
@@ -502,6 +556,56 @@ class TurnView:
             self.err.print("[yellow]stopped[/]")
         if result is not None:
             self.err.print(turn_stats(result), style="dim", highlight=False, soft_wrap=True)
+
+
+# -- tools ----------------------------------------------------------------------------------------------------------
+
+def ask_to_run(err: Console, read: Callable[[], str] = input) -> Callable[[ToolCall], bool]:
+    """The confirmation before each call: 'Run this code? [y/N]' on stderr, answered by the next input line.
+
+    On a terminal that is the user typing; from a pipe it is the next line of the script. "y" or "yes" runs the
+    call; anything else (the end of input too) declines it, and the loop tells the model so.
+    """
+
+    def confirm(call: ToolCall) -> bool:
+        err.print("Run this code? [y/N] ", end="", highlight=False, markup=False)
+        try:
+            reply = read()
+        except EOFError:
+            err.print()
+            return False
+        if not sys.stdin.isatty():  # a piped answer is not echoed: show it, so the log reads as a dialogue
+            err.print(reply, highlight=False, markup=False)
+        return reply.strip().lower() in ("y", "yes")
+
+    return confirm
+
+
+def answer_result(answer: Answer) -> Result:
+    """A tool turn's stats as one Result: the rounds' counts added up; the finish of the last round."""
+    from cascade_local.engine import Result
+
+    rounds = answer.rounds
+    last = rounds[-1] if rounds else Result()
+    return Result(content=answer.content, reasoning=answer.reasoning,
+                  prompt_tokens=sum(r.prompt_tokens for r in rounds),
+                  cached_tokens=sum(r.cached_tokens for r in rounds),
+                  completion_tokens=sum(r.completion_tokens for r in rounds),
+                  reasoning_tokens=sum(r.reasoning_tokens for r in rounds),
+                  finish_reason=last.finish_reason if answer.finish_reason == "max_calls" else answer.finish_reason,
+                  budget_closed=any(r.budget_closed for r in rounds),
+                  prompt_seconds=sum(r.prompt_seconds for r in rounds),
+                  generation_seconds=sum(r.generation_seconds for r in rounds))
+
+
+def _exchange(call: CallRecord, part: dict[str, str]) -> list[dict[str, Any]]:
+    """The messages one call adds to the history (as the loop writes them), rebuilt from the streamed text."""
+    assistant: dict[str, Any] = {"role": "assistant", "content": part["content"].strip(),
+                                 "reasoning_content": part["reasoning"].strip()}
+    if call.name is not None:
+        assistant["tool_calls"] = [{"type": "function", "function": {"name": call.name,
+                                                                     "arguments": dict(call.arguments)}}]
+    return [assistant, {"role": "tool", "content": call.output}]
 
 
 # -- the session ----------------------------------------------------------------------------------------------------
@@ -610,6 +714,32 @@ class ChatSession:
     out: Console = field(default_factory=Console)
     err: Console = field(default_factory=lambda: Console(stderr=True))
     totals: Totals = field(default_factory=Totals)
+    # Tools: `tools` are the tool objects (None until tools are first switched on), `tools_on` whether the next
+    # turns use them, `yes` runs every call without asking, else `confirm(call)` is asked before each one.
+    tools: list[Tool] | None = None
+    tools_on: bool = False
+    yes: bool = False
+    confirm: Callable[[ToolCall], bool] | None = None
+
+    def enable_tools(self, names: str = "python") -> None:
+        """Makes the tools (the kernel starts at the first call); the next turns use them."""
+        from cascade_local.tools import make_tools
+
+        if not hasattr(self.conversation, "engine") or not hasattr(getattr(self.conversation, "model", None),
+                                                                   "template"):
+            raise SlashError("tools need the local engine and its chat template (not --endpoint)")
+        if self.tools is None:
+            self.tools = make_tools(names)
+        self.tools_on = True
+
+    def close_tools(self) -> None:
+        """Shuts the Python kernel down (a later call starts a fresh one)."""
+        for tool in self.tools or []:
+            tool.close()
+
+    def close(self) -> None:
+        """The end of the chat: no kernel outlives it."""
+        self.close_tools()
 
     def execute(self, command: Command) -> Outcome:
         """Runs a slash command. Domain errors (a bad file for /load...) propagate, for the loop to show."""
@@ -626,6 +756,15 @@ class ChatSession:
         if name == "/thinking":
             self.show_thinking = value
             return Outcome("reasoning shown" if value else "reasoning hidden (only its summary is shown)")
+        if name == "/tools":
+            if value:
+                self.enable_tools()
+                names = ", ".join(t.schema["function"]["name"] for t in self.tools or [])
+                how = "every call runs without asking" if self.yes else "you confirm each call"
+                return Outcome(f"tools on: {names} ({how})")
+            self.tools_on = False
+            self.close_tools()
+            return Outcome("tools off (the Python kernel was shut down)")
         if name == "/budget":
             settings.thinking_budget = value
             return Outcome(f"thinking budget {value if value else 'off'}")
@@ -634,9 +773,11 @@ class ChatSession:
             return Outcome("system prompt set" if value else "system prompt removed")
         if name == "/clear":
             chat.clear()
+            self.close_tools()
             return Outcome("conversation cleared")
         if name == "/retry":
-            previous = chat.retry_last()
+            previous = self._retry_tool_turn() if any(m.get("role") == "tool" for m in chat.messages[-3:]) else None
+            previous = previous if previous is not None else chat.retry_last()
             return Outcome(ask=previous) if previous is not None else Outcome("nothing to retry yet")
         if name == "/save":
             path = transcript.save(chat, settings, value, force=command.force)
@@ -653,8 +794,20 @@ class ChatSession:
             return Outcome(model_text(model.path, model.metadata, getattr(chat.engine, "n_ctx", None)))
         raise SlashError(f"{name} is not implemented")  # COMMANDS and this method disagree
 
+    def _retry_tool_turn(self) -> str | None:
+        """Drops a last exchange that had tool calls (the question and everything after it); returns the question."""
+        messages = self.conversation.messages
+        for i in range(len(messages) - 1, -1, -1):
+            if messages[i].get("role") == "user":
+                text = messages[i]["content"]
+                del messages[i:]
+                return text
+        return None
+
     def turn(self, text: str) -> Result | None:
         """Asks the model; shows the answer as it streams. Ctrl-C stops it, and what was said stays."""
+        if self.tools_on and self.tools:
+            return self._tool_turn(text)
         view = TurnView(self.out, self.err, thinking=self.settings.thinking, show_thinking=self.show_thinking)
         result, interrupted = None, False
         try:
@@ -671,6 +824,50 @@ class ChatSession:
             self.totals.add(result)
         return result
 
+    def _tool_turn(self, text: str) -> Result | None:
+        """A turn through the ToolLoop: calls shown as they run; the calls and the answer join the history."""
+        from cascade_local.tools import ToolLoop
+
+        chat, settings = self.conversation, self.settings
+        chat.messages.append({"role": "user", "content": text})
+        history = ([{"role": "system", "content": chat.system}] if chat.system else []) + list(chat.messages)
+        loop = ToolLoop(chat.engine, list(self.tools or []), thinking=settings.thinking, sampling=settings.sampling,
+                        max_tokens=settings.max_tokens, budget=settings.thinking_budget,
+                        confirm=self.confirm or ask_to_run(self.err), yes=self.yes)
+        view = TurnView(self.out, self.err, thinking=settings.thinking, show_thinking=self.show_thinking)
+        answer: Answer | None = None
+        result, interrupted = None, False
+        exchanges: list[dict[str, Any]] = []  # the calls so far, for an interrupted turn
+        part = {"reasoning": "", "content": ""}  # the text of the round in progress
+        try:
+            events = loop.stream(history)
+            with closing(events):
+                for event in events:
+                    if event.kind == "done":
+                        answer = event.answer
+                        break
+                    if event.kind in part:
+                        part[event.kind] += event.text
+                    elif event.kind == "tool_result" and event.call is not None:
+                        exchanges += _exchange(event.call, part)
+                        part = {"reasoning": "", "content": ""}
+                    view.feed(event)
+            if answer is not None:
+                exchanges = answer.messages[len(history):]
+                result = answer_result(answer)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            view.close(result, interrupted)
+            if answer is not None or interrupted:
+                final = {"role": "assistant", "content": part["content"].strip(),
+                         "reasoning_content": part["reasoning"].strip()}
+                chat.messages.extend([*exchanges, final])
+            chat.last = result
+        if result is not None:
+            self.totals.add(result)
+        return result
+
     def drop_failed(self, text: str) -> None:
         """Removes the exchange of a turn that failed (its question, and any empty answer) from the history."""
         messages, asked = self.conversation.messages, {"role": "user", "content": text}
@@ -681,7 +878,8 @@ class ChatSession:
 
     def banner(self) -> str:
         name = Path(self.conversation.model.path).name
-        return (f"[bold]{escape(name)}[/] · thinking {'on' if self.settings.thinking else 'off'} · "
+        tools = f"tools {'on, every call runs' if self.yes else 'on, each call asks'} · " if self.tools_on else ""
+        return (f"[bold]{escape(name)}[/] · thinking {'on' if self.settings.thinking else 'off'} · {tools}"
                 f"/help lists commands · {BLOCK} for multi-line · Ctrl-C stops an answer, Ctrl-D leaves")
 
 
@@ -694,6 +892,13 @@ def run_chat(session: ChatSession, read: Reader) -> int:
 
     Leaving a chat is not a failure, however it is done, so a script that wraps the chat sees 0.
     """
+    try:
+        return _chat_loop(session, read)
+    finally:
+        session.close()  # the Python kernel ends with the chat
+
+
+def _chat_loop(session: ChatSession, read: Reader) -> int:
     err = session.err
     while True:
         try:

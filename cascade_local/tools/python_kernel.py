@@ -179,7 +179,26 @@ class PythonKernel:
     # -- running code ----------------------------------------------------------------------------------
 
     def execute(self, code: str, *, timeout: float | None = None) -> Execution:
-        """Runs `code` in the kernel; returns everything it printed, its value and any traceback."""
+        """Runs `code` in the kernel; returns everything it printed, its value and any traceback.
+
+        Ctrl-C while waiting interrupts the kernel too (as Jupyter's stop button), then propagates:
+        the user's stop must stop the code, not only our waiting for it.
+        """
+        return self._execute(code, timeout=timeout)
+
+    def _drain(self, msg_id: str, seconds: float) -> None:
+        """Reads the kernel's messages until the execution `msg_id` reports idle (or time runs out)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                msg = self._kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                continue
+            if (msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] == "status"
+                    and msg["content"].get("execution_state") == "idle"):
+                return
+
+    def _execute(self, code: str, *, timeout: float | None = None) -> Execution:
         if self._km is None:
             raise KernelError("the Python kernel is closed")
         restarted = False
@@ -192,42 +211,48 @@ class PythonKernel:
         msg_id = self._kc.execute(code, store_history=True, allow_stdin=False)
         deadline = time.monotonic() + limit
         interrupted_at: float | None = None
-        while True:
-            now = time.monotonic()
-            if interrupted_at is None and now >= deadline:
-                timed_out = True
-                interrupted_at = now
-                self._km.interrupt_kernel()
-            if interrupted_at is not None and now - interrupted_at > 5.0:
-                self.restart()  # it ignored the interrupt (a C extension loop): start over
-                restarted = True
-                break
-            if not self._km.is_alive():
-                self.restart()
-                restarted = True
-                break
-            wait = 0.2 if interrupted_at is not None else max(0.01, min(0.5, deadline - now))
-            try:
-                msg = self._kc.get_iopub_msg(timeout=wait)
-            except queue.Empty:
-                continue
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                parts.append(content.get("text", ""))
-            elif kind in ("execute_result", "display_data"):
-                data = content.get("data", {})
-                if "text/plain" in data:
-                    parts.append(data["text/plain"] + "\n")
-                else:
-                    parts.append(f"[{', '.join(sorted(data))} output not shown]\n")
-            elif kind == "error":
-                if not timed_out:  # the KeyboardInterrupt of our own interrupt is reported below instead
-                    error = True
-                    parts.append("\n".join(content.get("traceback", [])) + "\n")
-            elif kind == "status" and content.get("execution_state") == "idle":
-                break
+        try:
+            while True:
+                now = time.monotonic()
+                if interrupted_at is None and now >= deadline:
+                    timed_out = True
+                    interrupted_at = now
+                    self._km.interrupt_kernel()
+                if interrupted_at is not None and now - interrupted_at > 5.0:
+                    self.restart()  # it ignored the interrupt (a C extension loop): start over
+                    restarted = True
+                    break
+                if not self._km.is_alive():
+                    self.restart()
+                    restarted = True
+                    break
+                wait = 0.2 if interrupted_at is not None else max(0.01, min(0.5, deadline - now))
+                try:
+                    msg = self._kc.get_iopub_msg(timeout=wait)
+                except queue.Empty:
+                    continue
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "stream":
+                    parts.append(content.get("text", ""))
+                elif kind in ("execute_result", "display_data"):
+                    data = content.get("data", {})
+                    if "text/plain" in data:
+                        parts.append(data["text/plain"] + "\n")
+                    else:
+                        parts.append(f"[{', '.join(sorted(data))} output not shown]\n")
+                elif kind == "error":
+                    if not timed_out:  # the KeyboardInterrupt of our own interrupt is reported below instead
+                        error = True
+                        parts.append("\n".join(content.get("traceback", [])) + "\n")
+                elif kind == "status" and content.get("execution_state") == "idle":
+                    break
+        except KeyboardInterrupt:
+            # The user's Ctrl-C: stop the code too, and let the kernel settle before the next call.
+            self._km.interrupt_kernel()
+            self._drain(msg_id, 5.0)
+            raise
         text = strip_ansi("".join(parts)).rstrip("\n")
         if timed_out:
             text += (("\n" if text else "") + f"[execution timed out after {limit:g} seconds and was interrupted]")
