@@ -18,39 +18,24 @@ class TurnSettings:
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
-class Conversation:
-    """Renders the history with the model's template and streams each reply through the engine."""
+class History:
+    """The messages of a chat and what every backend does with them: record replies, retry, clear."""
 
-    def __init__(self, engine: Engine, system: str | None = None):
-        self.engine = engine
-        self.model = engine.model
+    def __init__(self, system: str | None = None):
         self.system = system
         self.messages: list[Message] = []
         self.last: Result | None = None
-        self._cache = PromptCache()
 
     def _history(self) -> list[Message]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
-    def render(self, thinking: bool) -> str:
-        return self.model.template.render(self._history(), add_generation_prompt=True, enable_thinking=thinking)
-
-    def render_history(self) -> str:
-        return self.model.template.render(self._history(), add_generation_prompt=False)
-
-    def reply(self, user_text: str, settings: TurnSettings) -> Iterator[Event]:
-        """Streams reasoning and answer; the reply joins the history once complete (or interrupted)."""
-        self.messages.append({"role": "user", "content": user_text})
-        tokens = self.model.encode_prompt(self.render(settings.thinking))
-        # The history without the generation prompt is what the next turn's prompt will start with.
-        stable = len(self.model.encode_prompt(self.render_history()))
-        request = Request(tokens, settings.sampling, settings.max_tokens, in_reasoning=settings.thinking,
-                          thinking_budget=settings.thinking_budget, cache=self._cache, cache_prefix=stable)
+    def _recorded(self, events: Iterator[Event]) -> Iterator[Event]:
+        """Passes the reply's events on; the reply joins the history once complete (or interrupted)."""
         reasoning: list[str] = []
         content: list[str] = []
         finished = False
         try:
-            for event in self.engine.stream(request):
+            for event in events:
                 if event.kind == "done":
                     self.last = event.result
                     finished = True
@@ -72,4 +57,33 @@ class Conversation:
 
     def clear(self) -> None:
         self.messages.clear()
+
+
+class Conversation(History):
+    """Renders the history with the model's template and streams each reply through the engine."""
+
+    def __init__(self, engine: Engine, system: str | None = None):
+        super().__init__(system)
+        self.engine = engine
+        self.model = engine.model
+        self._cache = PromptCache()
+
+    def render(self, thinking: bool) -> str:
+        return self.model.template.render(self._history(), add_generation_prompt=True, enable_thinking=thinking)
+
+    def render_history(self) -> str:
+        return self.model.template.render(self._history(), add_generation_prompt=False)
+
+    def reply(self, user_text: str, settings: TurnSettings) -> Iterator[Event]:
+        """Streams reasoning and answer; the reply joins the history once complete (or interrupted)."""
+        self.messages.append({"role": "user", "content": user_text})
+        tokens = self.model.encode_prompt(self.render(settings.thinking))
+        # The history without the generation prompt is what the next turn's prompt will start with.
+        stable = len(self.model.encode_prompt(self.render_history()))
+        request = Request(tokens, settings.sampling, settings.max_tokens, in_reasoning=settings.thinking,
+                          thinking_budget=settings.thinking_budget, cache=self._cache, cache_prefix=stable)
+        yield from self._recorded(self.engine.stream(request))
+
+    def clear(self) -> None:
+        super().clear()
         self._cache = PromptCache()
