@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from cascade_local.cli import options
 from cascade_local.cli.console import err_console
 
 
@@ -40,12 +41,11 @@ def batch(
     repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
     ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length per item, in tokens."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
-    gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0."),
-    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM."),
-    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM."),
-    override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE, as llama.cpp's "
-                                              "-ot. Repeatable."),
+    threads: int | None = options.THREADS,
+    gpu_mem: str = options.GPU_MEM,
+    cpu_moe: bool = options.CPU_MOE,
+    n_cpu_moe: int | None = options.N_CPU_MOE,
+    override_tensor: list[str] = options.OVERRIDE_TENSOR,
 ) -> None:
     """Answer every prompt of INPUT into OUTPUT (JSONL), resuming where a stopped or crashed run left off.
 

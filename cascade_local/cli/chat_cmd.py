@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from cascade_local.cli import options
 from cascade_local.cli.console import err_console
 
 
@@ -29,12 +30,11 @@ def chat(
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Chat with an OpenAI-compatible "
                                         "server (vLLM, SGLang, llama-server): a URL or an [endpoints] name. MODEL, "
                                         "if given, is the served model's name."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
-    gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0."),
-    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM."),
-    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM."),
-    override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE (CPU, CUDA0...), "
-                                              "as llama.cpp's -ot. Repeatable."),
+    threads: int | None = options.THREADS,
+    gpu_mem: str = options.GPU_MEM,
+    cpu_moe: bool = options.CPU_MOE,
+    n_cpu_moe: int | None = options.N_CPU_MOE,
+    override_tensor: list[str] = options.OVERRIDE_TENSOR,
     tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
                                      "reasons: python (runs its code in a local Jupyter kernel, asking before each "
                                      "call). /tools on|off switches them."),

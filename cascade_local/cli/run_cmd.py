@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from cascade_local.cli import options
 from cascade_local.cli.console import err_console
 
 if TYPE_CHECKING:
@@ -46,12 +47,11 @@ def run(
                                                 "(1.0: off)."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
     ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length in tokens."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
-    gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0."),
-    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM."),
-    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM."),
-    override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE, as llama.cpp's "
-                                              "-ot. Repeatable."),
+    threads: int | None = options.THREADS,
+    gpu_mem: str = options.GPU_MEM,
+    cpu_moe: bool = options.CPU_MOE,
+    n_cpu_moe: int | None = options.N_CPU_MOE,
+    override_tensor: list[str] = options.OVERRIDE_TENSOR,
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Ask an OpenAI-compatible "
                                         "server (vLLM, SGLang, llama-server) instead of loading a model: a URL or "
                                         "an [endpoints] name from models.toml. MODEL, if given, is the served name."),
