@@ -119,11 +119,11 @@ def read_gguf(path: Path | str) -> GGUFFile:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def human_bytes(n: int | float) -> str:
+def human_bytes(n: int | float, digits: int = 1, kilo: str = "kB") -> str:
     """1234567 -> '1.2 MB' (decimal units, as file managers and `ls -lh --si` show them)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
+    for unit in ("B", kilo, "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
 

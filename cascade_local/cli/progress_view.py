@@ -18,15 +18,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cascade_local import gguf_info
 from cascade_local.convert import ConversionResult
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
+    """The conversion summary's sizes: two decimals, as its tables have always shown them."""
+    return gguf_info.human_bytes(n, digits=2, kilo="KB")
 
 
 class ConversionProgressBar:
