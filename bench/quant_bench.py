@@ -65,22 +65,17 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 QUALITY_CHILD = """
 import json, sys
 import numpy as np, gguf
-from cascade_local.llama_log import quiet_llama
-quiet_llama()
-from llama_cpp import Llama
+from cascade_local.llama_model import LoadedModel
+from cascade_local.logits import sequence_logits
 path, ref_path, n_seq, seq_len, lo, hi = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 reader = gguf.GGUFReader(path)
 tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
 params = sum(int(t.n_elements) for t in reader.tensors)
 rng = np.random.default_rng(7)
-llm = Llama(path, n_ctx=seq_len + 8, n_batch=seq_len, logits_all=True, n_threads=2, verbose=False)
-logits = []
-for _ in range(n_seq):
-    ids = [int(x) for x in rng.integers(lo, hi, size=seq_len)]
-    llm.reset()
-    llm.eval(ids)
-    logits.append(np.array(llm.scores[:seq_len], dtype=np.float32))
-logits = np.concatenate(logits)
+# Loaded as the runtime loads, so the CPU buffer types are the ones this machine can run.
+model = LoadedModel(path)
+sequences = [[int(x) for x in rng.integers(lo, hi, size=seq_len)] for _ in range(n_seq)]
+logits = np.concatenate(list(sequence_logits(model, sequences, threads=2)))
 from collections import defaultdict
 from cascade_local.model_summary import tensor_class
 types = defaultdict(set)

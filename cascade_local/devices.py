@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -43,6 +44,9 @@ def _ggml() -> dict[str, Any]:
         "dev_buffer_type": fn("ggml_backend_dev_buffer_type", p, p),
         "cpu_buffer_type": fn("ggml_backend_cpu_buffer_type", p),
         "buft_name": fn("ggml_backend_buft_name", ctypes.c_char_p, p),
+        "dev_by_type": fn("ggml_backend_dev_by_type", p, ctypes.c_int),
+        "dev_backend_reg": fn("ggml_backend_dev_backend_reg", p, p),
+        "reg_get_proc_address": fn("ggml_backend_reg_get_proc_address", p, p, ctypes.c_char_p),
     }
 
 
@@ -174,6 +178,28 @@ def buffer_type_name(buft: int) -> str:
     return (_ggml()["buft_name"](buft) or b"?").decode()
 
 
+def extra_buffer_types() -> list[tuple[str, int]]:
+    """The CPU device's extra buffer types, in llama.cpp's order of preference: [(name, buft)].
+
+    These are what `use_extra_bufts` lets llama.cpp put weights in: AMX (Intel, when the build has it) and
+    CPU_REPACK (weights re-laid for the SIMD kernels). They come from the CPU backend's own registry entry.
+    """
+    g = _ggml()
+    cpu = g["dev_by_type"](0)
+    if not cpu:
+        return []
+    address = g["reg_get_proc_address"](g["dev_backend_reg"](cpu), b"ggml_backend_dev_get_extra_bufts")
+    if not address:
+        return []
+    get_extra = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(address)
+    array = ctypes.cast(get_extra(cpu), ctypes.POINTER(ctypes.c_void_p))
+    out: list[tuple[str, int]] = []
+    while array and array[len(out)]:
+        buft = array[len(out)]
+        out.append((buffer_type_name(buft), buft))
+    return out
+
+
 def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: int = 0) -> BuftOverrides:
     """[(regex, 'CPU' or 'GPU')] -> the NULL-terminated array llama_model_params.tensor_buft_overrides takes."""
     patterns = [regex.encode() for regex, _ in overrides]
@@ -190,12 +216,62 @@ def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: in
     return BuftOverrides(array, patterns, n_gpu_layers)
 
 
+def _entries(overrides: BuftOverrides | None) -> list[tuple[bytes, int]]:
+    if overrides is None:
+        return []
+    return [(e.pattern, e.buft) for e in overrides.array if e.pattern is not None]
+
+
+def _name_patterns(names: Sequence[str]) -> list[str]:
+    """Exact-name regexes, one per tensor kind (`blk.N.ffn_up_exps.weight` for every listed N in one pattern)."""
+    layers: dict[str, list[str]] = {}
+    for name in names:
+        match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+        if match:
+            layers.setdefault(match.group(2), []).append(match.group(1))
+        else:
+            layers.setdefault(name, [])
+    patterns = []
+    for rest, ids in layers.items():
+        if ids:
+            patterns.append(rf"^blk\.({'|'.join(ids)})\.{re.escape(rest)}$")
+        else:
+            patterns.append(rf"^{re.escape(rest)}$")
+    return patterns
+
+
+def with_forced_buffer(base: BuftOverrides | None, names: Sequence[str], buft: int) -> BuftOverrides:
+    """`base` with the named tensors sent to `buft` first, except those `base` places off the CPU.
+
+    A tensor `base` does not name stays on the CPU only when no layer is offloaded (n_gpu_layers == 0);
+    with layers offloaded it is left to llama.cpp, which may put it on the GPU.
+    """
+    entries = _entries(base)
+    cpu = cpu_buffer_type() if entries else 0
+    n_gpu_layers = base.n_gpu_layers if base is not None else 0
+
+    def on_cpu(name: str) -> bool:
+        for pattern, target in entries:
+            if re.search(pattern.decode(), name):
+                return target == cpu
+        return n_gpu_layers == 0
+
+    chosen = [name for name in names if on_cpu(name)]
+    forced = [p.encode() for p in _name_patterns(chosen)]
+    array = (TensorBuftOverride * (len(forced) + len(entries) + 1))()
+    for i, (pattern, target) in enumerate([(p, buft) for p in forced] + entries):
+        array[i] = TensorBuftOverride(pattern, target)
+    array[len(forced) + len(entries)] = TensorBuftOverride(None, None)
+    return BuftOverrides(array, forced + [p for p, _ in entries], n_gpu_layers)
+
+
 def plan_overrides(plan: Plan) -> BuftOverrides:
     """The overrides and n_gpu_layers of a plan, ready for `BuftOverrides.apply(model_params)`."""
     return tensor_buft_overrides(plan.overrides, plan.n_gpu_layers)
 
 
 __all__ = [
-    "BuftOverrides", "GpuBudget", "GpuDevice", "buffer_type_name", "cpu_buffer_type", "gpu_devices",
-    "gpu_offload_supported", "plan_overrides", "resolve_gpu_budget", "system_memory", "tensor_buft_overrides",
+    "BuftOverrides", "GpuBudget", "GpuDevice", "buffer_type_name", "cpu_buffer_type", "extra_buffer_types",
+    "gpu_devices", "gpu_offload_supported", "plan_overrides", "resolve_gpu_budget", "system_memory",
+    "tensor_buft_overrides", "with_forced_buffer",
 ]

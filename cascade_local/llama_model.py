@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade_local.chat_template import ChatTemplate
+from cascade_local.cpu_extra import process_verdict
 from cascade_local.devices import BuftOverrides
 from cascade_local.errors import ModelLoadError
 from cascade_local.gguf_meta import read_metadata
@@ -23,6 +24,16 @@ def check_architecture(metadata: dict[str, Any], path: Path) -> None:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"{path.name} is a {arch or 'unknown'} model; cascade-local runs "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)} (Nemotron-Cascade-2) models")
+
+
+def repack_overrides(path: Path, overrides: BuftOverrides | None) -> BuftOverrides:
+    """`overrides` plus the weights ggml's repack buffer can take, sent to it by name (see cpu_extra)."""
+    from cascade_local.cpu_extra import REPACK, cpu_features, repackable
+    from cascade_local.devices import extra_buffer_types, with_forced_buffer
+    from cascade_local.gguf_info import read_gguf
+
+    buft = dict(extra_buffer_types())[REPACK]
+    return with_forced_buffer(overrides, repackable(read_gguf(path).tensors, cpu_features()), buft)
 
 
 def default_template() -> str:
@@ -40,9 +51,14 @@ class LoadedModel:
         import llama_cpp
 
         self._lib = llama_cpp
+        self.cpu_extra = process_verdict()
+        if self.cpu_extra.mode == "repack":
+            overrides = repack_overrides(self.path, overrides)
         self._overrides = overrides  # llama.cpp reads the patterns while loading: keep them alive
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
+        # Extra CPU buffer types (AMX, repacking) only where they were seen to run on this machine.
+        params.use_extra_bufts = self.cpu_extra.mode == "all"
         if overrides is not None:
             overrides.apply(params)
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)

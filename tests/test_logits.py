@@ -5,20 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cascade_local.llama_log import quiet_llama
+from cascade_local.llama_model import LoadedModel
+from cascade_local.logits import sequence_logits
 
 
 def llama_logits(path, sequences) -> list[np.ndarray]:
-    quiet_llama()
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, n_threads=2, verbose=False)
-    out = []
-    for ids, _ in sequences:
-        llm.reset()
-        llm.eval([int(i) for i in ids])
-        out.append(np.array(llm.scores[: len(ids)], dtype=np.float64))
-    return out
+    """The runtime's own logits: loaded as the runtime loads (CPU buffer types chosen for this machine)."""
+    model = LoadedModel(path)
+    try:
+        return [got.astype(np.float64) for got in sequence_logits(model, [ids for ids, _ in sequences], threads=2)]
+    finally:
+        model.close()
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
