@@ -79,7 +79,7 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "cascade-local"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -121,7 +121,7 @@ def _build_id() -> str:
 
 
 def cache_key() -> str:
-    parts = [_cpu_model(), _cpu_flags(), platform.release(), _build_id(), system_info(), str(CACHE_VERSION)]
+    parts = [cpu_model(), _cpu_flags(), platform.release(), _build_id(), system_info(), str(CACHE_VERSION)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 

@@ -170,7 +170,8 @@ def gpu_buffer_type() -> int:
     """The buffer type of the first GPU (what CUDA0 means to llama.cpp's --override-tensor)."""
     gpus = gpu_devices()
     if not gpus:
-        raise ModelLoadError("a tensor override names a GPU, but this llama-cpp-python build has no GPU device")
+        raise ModelLoadError("a tensor override names a GPU, but this llama-cpp-python build has no GPU device "
+                             "(`cascade-local doctor` shows the build and the command to rebuild it for a GPU)")
     return _ggml()["dev_buffer_type"](gpus[0].handle)
 
 

@@ -65,7 +65,8 @@ class LoadedModel:
         if not self.model:
             said = [line for line in recent_lines() if "error" in line.lower() or "failed" in line.lower()]
             reason = said[-1].strip() if said else "unknown reason"
-            raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
+            raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason} "
+                                 "(`cascade-local doctor` shows what this machine and build offer)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.tokenizer: PromptTokenizer = prompt_tokenizer(self.metadata, self)

@@ -38,7 +38,7 @@ def root(
 
 
 def _register() -> None:
-    from cascade_local.cli import batch_cmd, chat_cmd, convert_cmd, info_cmd, models_cmd, plan_cmd, run_cmd
+    from cascade_local.cli import batch_cmd, chat_cmd, convert_cmd, doctor_cmd, info_cmd, models_cmd, plan_cmd, run_cmd
 
     app.command("convert")(convert_cmd.convert)
     app.command("chat")(chat_cmd.chat)
@@ -49,6 +49,7 @@ def _register() -> None:
     app.command("pull")(models_cmd.pull)
     app.command("list")(models_cmd.list_)
     app.command("rm")(models_cmd.rm)
+    app.command("doctor")(doctor_cmd.doctor)
 
 
 def _stdout_gone() -> bool:
