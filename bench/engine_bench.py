@@ -5,7 +5,10 @@ On one GGUF (by default the real-width slice converted with the default recipe),
 * prompt and generation tokens/s of the engine against a minimal loop over llama-cpp-python's low-level
   API (same model, context, threads, greedy sampler); runs alternate and the median of each is kept;
 * aggregate generation tokens/s with 1, 4 and 8 sequences decoded together, relative to 1;
-* time to first token of a one-shot prompt in a fresh process, start-up (imports, model load) included.
+* time to first token of a one-shot prompt in a fresh process, start-up (imports, model load) included;
+* prompt and generation tokens/s with ggml's extra CPU buffer types on (`all`: AMX where built, and weight
+  repacking), repacking only (`repack`) and off (`none`), each in a child process with CASCADE_LOCAL_CPU_EXTRA
+  set; a mode that kills its child (AMX on VMs that cannot run it) is reported as such, not fatal.
 
     .venv/bin/python bench/engine_bench.py [--gguf FILE] [--threads 2] [--repeats 3]
 """
@@ -134,12 +137,62 @@ def time_to_first_token(gguf: Path, threads: int) -> float:
     return float(out.stdout.split()[0])
 
 
+EXTRA_MODES = {"all": "on", "repack": "repack", "none": "off"}
+
+
+def extras_child(gguf: Path, threads: int, repeats: int) -> None:
+    """In a child with CASCADE_LOCAL_CPU_EXTRA set: print the median prompt and generation tokens/s."""
+    from cascade_local.llama_model import LoadedModel
+
+    model = LoadedModel(gguf)
+    engine_run(model, threads, 1024)  # warm-up
+    runs = [engine_run(model, threads, 1024) for _ in range(repeats)]
+    prompt_s, gen_s = statistics.median(p for p, _ in runs), statistics.median(g for _, g in runs)
+    print(PROMPT_TOKENS / prompt_s, (GEN_TOKENS - 1) / gen_s)
+
+
+def extras_rows(gguf: Path, threads: int, repeats: int) -> list[str]:
+    """One row per CPU buffer-type mode, relative to `none` (everything in the plain CPU buffer)."""
+    import signal
+
+    measured: dict[str, tuple[float, float] | str] = {}
+    for mode, value in EXTRA_MODES.items():
+        env = {**os.environ, "CASCADE_LOCAL_CPU_EXTRA": value}
+        done = subprocess.run([sys.executable, __file__, "--extras-child", "--gguf", str(gguf), "--threads",
+                               str(threads), "--repeats", str(repeats)], capture_output=True, text=True, env=env)
+        if done.returncode < 0:
+            measured[mode] = f"crashed ({signal.Signals(-done.returncode).name}): this machine cannot run it"
+        elif done.returncode != 0:
+            measured[mode] = f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
+        else:
+            p, g = map(float, done.stdout.split()[-2:])
+            measured[mode] = (p, g)
+    base = measured["none"]
+    rows = ["| CPU buffer types (CASCADE_LOCAL_CPU_EXTRA) | prompt tokens/s | generation tokens/s | prompt / none "
+            "| generation / none |", "|---|--:|--:|--:|--:|"]
+    for mode, value in EXTRA_MODES.items():
+        got = measured[mode]
+        if isinstance(got, str):
+            rows.append(f"| {mode} ({value}) | {got} | | | |")
+        elif isinstance(base, tuple):
+            rows.append(f"| {mode} ({value}) | {got[0]:.1f} | {got[1]:.1f} | {got[0] / base[0]:.2f} "
+                        f"| {got[1] / base[1]:.2f} |")
+        else:
+            rows.append(f"| {mode} ({value}) | {got[0]:.1f} | {got[1]:.1f} | | |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, help="model to measure (default: the slice, converted with q4-moe)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--extras-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only-extras", action="store_true", help="measure only the CPU buffer-type modes")
     args = parser.parse_args()
+    if args.extras_child:
+        extras_child(args.gguf, args.threads, args.repeats)
+        return
     gguf = args.gguf
     if gguf is None:
         src = OUT / slice_dir_name("MEM*E")
@@ -148,6 +201,16 @@ def main() -> None:
         if not gguf.exists():
             subprocess.run([sys.executable, "-m", "cascade_local", "convert", str(src), "-o", str(gguf)], check=True,
                            stdout=subprocess.DEVNULL)
+
+    header = (f"Engine benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs ({cpu_model()}), "
+              f"{meminfo_kb('MemTotal') / 1e6:.1f} GB RAM; model {gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB), "
+              f"{args.threads} threads, median of {args.repeats}")
+    extras = extras_rows(gguf, args.threads, args.repeats)
+    if args.only_extras:
+        text = "\n".join([header, "", *extras])
+        print(text)
+        (OUT / "engine_bench_extras.md").write_text(text + "\n")
+        return
 
     from cascade_local.llama_model import LoadedModel
 
@@ -165,9 +228,7 @@ def main() -> None:
     throughput = {n: batch_throughput(model, args.threads, n) for n in (1, 4, 8)}
     ttft = [time_to_first_token(gguf, args.threads) for _ in range(args.repeats)]
     lines = [
-        f"Engine benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs ({cpu_model()}), "
-        f"{meminfo_kb('MemTotal') / 1e6:.1f} GB RAM; model {gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB), "
-        f"{args.threads} threads, median of {args.repeats}",
+        header,
         "",
         "| measure | raw llama.cpp loop | cascade-local engine | engine / raw |",
         "|---|--:|--:|--:|",
@@ -180,6 +241,8 @@ def main() -> None:
         "",
         f"Time to first token, fresh process, start-up and model load included: median {statistics.median(ttft):.2f} s "
         f"(runs: {', '.join(f'{t:.2f}' for t in ttft)})",
+        "",
+        *extras,
     ]
     text = "\n".join(lines)
     print(text)
