@@ -38,7 +38,17 @@ def root(
 
 
 def _register() -> None:
-    from cascade_local.cli import batch_cmd, chat_cmd, convert_cmd, doctor_cmd, info_cmd, models_cmd, plan_cmd, run_cmd
+    from cascade_local.cli import (
+        batch_cmd,
+        chat_cmd,
+        convert_cmd,
+        doctor_cmd,
+        eval_cmd,
+        info_cmd,
+        models_cmd,
+        plan_cmd,
+        run_cmd,
+    )
 
     app.command("convert")(convert_cmd.convert)
     app.command("chat")(chat_cmd.chat)
@@ -50,6 +60,7 @@ def _register() -> None:
     app.command("list")(models_cmd.list_)
     app.command("rm")(models_cmd.rm)
     app.command("doctor")(doctor_cmd.doctor)
+    app.command("eval")(eval_cmd.eval_)
 
 
 def _stdout_gone() -> bool:
