@@ -110,7 +110,7 @@ def test_overrides_select_first_and_last_moe_layers(tiny_dir):
 
     ckpt = Checkpoint(tiny_dir)
     by_name = {t.name: load_registry().recipe("q4-moe").resolve(ckpt.config).type_for(t) for t in plan_tensors(ckpt)}
-    assert by_name["blk.1.ffn_up_exps.weight"] == T.MXFP4 and by_name["token_embd.weight"] == T.Q5_1
+    assert by_name["blk.1.ffn_up_exps.weight"] == T.MXFP4 and by_name["token_embd.weight"] == T.Q8_0
     assert by_name["blk.0.ssm_a"] == T.F32 and by_name["blk.1.ffn_gate_inp.weight"] == T.F32
 
 
