@@ -83,6 +83,7 @@ def variants(base: dict) -> list[Variant]:
 
 def measure(variant: Variant, checkpoint: Path, work: Path, reference, threads: int) -> None:
     from cascade_local.convert import convert, parse_recipe
+
     from cascade_local.quality import compare
 
     out = work / f"{variant.name.replace(' ', '-')}.gguf"
@@ -153,6 +154,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cascade_local.convert import convert, uniform_recipe
+
     from cascade_local.quality import ReferenceLogits, default_text, reference_logits
 
     args.work.mkdir(parents=True, exist_ok=True)
