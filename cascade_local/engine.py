@@ -256,6 +256,8 @@ class Engine:
 
     def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """Batch rows of (sequence, token, position, wants logits)."""
+        if len(entries) > self.n_batch:  # past the end of llama_batch's arrays is someone else's memory
+            raise ValueError(f"{len(entries)} rows do not fit a batch of {self.n_batch}")
         b = self._batch
         for i, (seq, token, pos, logits) in enumerate(entries):
             b.token[i] = token
@@ -271,20 +273,30 @@ class Engine:
             raise DecodeError(f"llama_decode failed ({rc}): the context is full or memory ran out")
 
     def _step(self, slots: dict[int, _Slot]) -> Iterator[Event]:
+        """Feeds every slot its pending tokens and samples its next one.
+
+        A closing thought feeds `</think>` too, so a step may hold more rows than one batch: it is then
+        decoded in pieces of at most `n_batch` rows, each piece's rows sampled before the next decode
+        overwrites the logits. A sequence's rows stay in order, its last (the one sampled) in the last piece.
+        """
         entries: list[tuple[int, int, int, bool]] = []
-        rows: list[tuple[_Slot, int]] = []
+        sampled_at: dict[int, _Slot] = {}  # entry index -> the slot whose next token its logits give
         for slot in slots.values():
             for k, token in enumerate(slot.pending):
                 last = k == len(slot.pending) - 1
-                entries.append((slot.seq, token, slot.pos, last))
                 if last:
-                    rows.append((slot, len(entries) - 1))
+                    sampled_at[len(entries)] = slot
+                entries.append((slot.seq, token, slot.pos, last))
                 slot.pos += 1
             slot.pending = []
-        self._fill(entries)
-        self._decode()
-        for slot, row in rows:
-            yield from self._after_sample(slots, slot, slot.sampler.sample(self.ctx, row))
+        for first in range(0, len(entries), self.n_batch):
+            piece = entries[first : first + self.n_batch]
+            self._fill(piece)
+            self._decode()
+            for row in range(len(piece)):
+                slot = sampled_at.get(first + row)
+                if slot is not None:
+                    yield from self._after_sample(slots, slot, slot.sampler.sample(self.ctx, row))
 
     def _after_sample(self, slots: dict[int, _Slot], slot: _Slot, token: int) -> Iterator[Event]:
         request, result = slot.request, slot.result
