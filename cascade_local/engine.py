@@ -10,6 +10,7 @@ thinking budget closes the thought by injecting `</think>` when the model has no
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from cascade_local.errors import CascadeError, UsageError
+from cascade_local.errors import CascadeError, ClosedError, UsageError
 from cascade_local.expert_stats import ExpertStats
 from cascade_local.llama_model import LoadedModel
 from cascade_local.sampling import SamplerChain, SamplingParams
@@ -114,17 +115,26 @@ class _Slot:
 
 
 class Engine:
-    """Decodes up to `n_seq_max` requests at once on one context of `n_ctx` tokens in total."""
+    """Decodes up to `n_seq_max` requests at once on one context of `n_ctx` tokens in total.
+
+    A context manager. Its native objects (batch, context, and the model if `owns_model`) are freed
+    once, in the reverse of their creation, by `close()`, by leaving the `with` block, or by closing
+    the model (which closes its engines first). After that every use raises ClosedError.
+    """
 
     def __init__(self, model: LoadedModel, *, n_ctx: int = 8192, n_seq_max: int = 1, n_batch: int = 512,
                  threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] | None = None,
-                 expert_stats: ExpertStats | None = None):
+                 expert_stats: ExpertStats | None = None, owns_model: bool = False):
         import llama_cpp
 
         if n_seq_max < 1:
             raise UsageError("parallel sequences must be at least 1")
         self._lib = llama_cpp
         self.model = model
+        self._closed_by: str | None = None  # why the engine is closed (None while it is open)
+        self._resources = contextlib.ExitStack()  # frees, last first: batch, context, then an owned model
+        if owns_model:
+            self._resources.callback(model.close)
         self.n_seq_max = n_seq_max
         self._sampler_factory = sampler_factory or (
             lambda params: SamplerChain(params, model.eog_tokens if params.ignore_eos else (), model.n_vocab))
@@ -141,12 +151,17 @@ class Engine:
         self.expert_stats = expert_stats
         if expert_stats is not None:
             params.cb_eval = expert_stats.callback
-        self.ctx = llama_cpp.llama_init_from_model(model.model, params)
-        if not self.ctx:
+        ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if not ctx:
+            self._resources.close()
             raise DecodeError(f"llama.cpp could not create a context of {n_ctx} tokens for {n_seq_max} sequences")
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-        self._memory = llama_cpp.llama_get_memory(self.ctx)
+        self._resources.callback(llama_cpp.llama_free, ctx)
+        self._ctx = ctx
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self._memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._resources.callback(llama_cpp.llama_batch_free, self._batch)
+        model.attach(self)
         self._close_tokens = model.tokenize(CLOSE_THINKING)
 
     # -- public API ------------------------------------------------------------------------------------
@@ -186,19 +201,48 @@ class Engine:
                 results[event.tag] = event.result
         return [results[i] for i in range(len(requests))]
 
+    @property
+    def ctx(self) -> Any:
+        """The llama_context pointer; ClosedError once the engine was closed."""
+        return self._open()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_by is not None
+
     def close(self) -> None:
-        if getattr(self, "ctx", None):
-            self._lib.llama_batch_free(self._batch)
-            self._lib.llama_free(self.ctx)
-            self.ctx = None
+        """Frees the batch and the context (and the model if the engine owns it). Safe to call again.
+
+        A stream still suspended keeps no claim on them: resuming it raises ClosedError.
+        """
+        resources = getattr(self, "_resources", None)
+        if resources is None or self._closed_by is not None:
+            return
+        model = self.model
+        self._closed_by = (f"the model {model.path.name} was closed, and the engine with it; load it again"
+                           if model.closed else "the engine was closed; open a new one to generate")
+        self._ctx = self._memory = self._batch = None
+        resources.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __del__(self) -> None:
         self.close()
 
     # -- internals -------------------------------------------------------------------------------------
 
+    def _open(self) -> Any:
+        if self._closed_by is not None:
+            raise ClosedError(self._closed_by)
+        return self._ctx
+
     def _forget(self, seq: int) -> None:
-        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        if self._closed_by is None:  # a closed context took every sequence with it
+            self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
     def _admit(self, seq: int, request: Request) -> _Slot:
         tokens = request.prompt_tokens
@@ -258,6 +302,7 @@ class Engine:
         """Batch rows of (sequence, token, position, wants logits)."""
         if len(entries) > self.n_batch:  # past the end of llama_batch's arrays is someone else's memory
             raise ValueError(f"{len(entries)} rows do not fit a batch of {self.n_batch}")
+        self._open()  # the batch is freed with the context
         b = self._batch
         for i, (seq, token, pos, logits) in enumerate(entries):
             b.token[i] = token
