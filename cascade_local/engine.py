@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 from cascade_local.errors import CascadeError, ClosedError, UsageError
 from cascade_local.expert_stats import ExpertStats
+from cascade_local.interrupt import deferred_interrupt
 from cascade_local.llama_model import LoadedModel
 from cascade_local.sampling import SamplerChain, SamplingParams
 from cascade_local.thinking import ThinkingSplitter
@@ -151,11 +152,17 @@ class Engine:
         self.expert_stats = expert_stats
         if expert_stats is not None:
             params.cb_eval = expert_stats.callback
-        ctx = llama_cpp.llama_init_from_model(model.model, params)
+        try:
+            with deferred_interrupt():  # llama.cpp logs (calls Python) while it reserves the context's memory
+                ctx = llama_cpp.llama_init_from_model(model.model, params)
+                if ctx:
+                    self._resources.callback(llama_cpp.llama_free, ctx)
+        except KeyboardInterrupt:
+            self._resources.close()
+            raise
         if not ctx:
             self._resources.close()
             raise DecodeError(f"llama.cpp could not create a context of {n_ctx} tokens for {n_seq_max} sequences")
-        self._resources.callback(llama_cpp.llama_free, ctx)
         self._ctx = ctx
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self._memory = llama_cpp.llama_get_memory(ctx)

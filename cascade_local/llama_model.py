@@ -13,6 +13,7 @@ from cascade_local.chat_template import ChatTemplate
 from cascade_local.devices import BuftOverrides
 from cascade_local.errors import ClosedError, ModelLoadError
 from cascade_local.gguf_meta import read_metadata
+from cascade_local.interrupt import InterruptFlag, deferred_interrupt
 from cascade_local.llama_log import quiet_llama, recent_lines
 from cascade_local.tokenization import PromptTokenizer, prompt_tokenizer
 
@@ -56,11 +57,16 @@ class LoadedModel:
 
         self._lib = llama_cpp
         self._overrides = overrides  # llama.cpp reads the patterns while loading: keep them alive
+        # The load's parameters, all set here.
+        stop = InterruptFlag()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
         if overrides is not None:
             overrides.apply(params)
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        # Called between tensors; returning false makes llama.cpp give the load up (Ctrl-C: see _load).
+        progress = llama_cpp.llama_progress_callback(lambda _progress, _data: not stop.requested)
+        params.progress_callback = progress
+        self._model = self._load(params, stop)
         if not self._model:
             said = [line for line in recent_lines() if "error" in line.lower() or "failed" in line.lower()]
             reason = said[-1].strip() if said else "unknown reason"
@@ -80,6 +86,22 @@ class LoadedModel:
             bos_token=token_text("tokenizer.ggml.bos_token_id"),
             eos_token=token_text("tokenizer.ggml.eos_token_id"),
         )
+
+    def _load(self, params: Any, stop: InterruptFlag) -> Any:
+        """llama_model_load_from_file, stopped by Ctrl-C at any moment (KeyboardInterrupt, nothing left loaded).
+
+        SIGINT only sets `stop` during the native call (Python raised in llama.cpp's callbacks would be
+        lost); the progress callback then ends the load, and the interrupt is raised once it returned.
+        """
+        pointer = None
+        try:
+            with deferred_interrupt(stop):
+                pointer = self._lib.llama_model_load_from_file(str(self.path).encode(), params)
+        except KeyboardInterrupt:
+            if pointer:  # SIGINT came after the last progress call: the model loaded, and is not wanted
+                self._lib.llama_model_free(pointer)
+            raise
+        return pointer
 
     # -- ownership -----------------------------------------------------------------------------------
 
