@@ -5,7 +5,9 @@ On one GGUF (by default the real-width slice converted with the default recipe),
 * prompt and generation tokens/s of the engine against a minimal loop over llama-cpp-python's low-level
   API (same model, context, threads, greedy sampler); runs alternate and the median of each is kept;
 * aggregate generation tokens/s with 1, 4 and 8 sequences decoded together, relative to 1;
-* time to first token of a one-shot prompt in a fresh process, start-up (imports, model load) included.
+* time to first token of a one-shot prompt in a fresh process, start-up (imports, model load) included;
+* the cost of one prompt snapshot (a sequence's state copied out after its prompt, as each chat turn
+  and tool round does) and of restoring it, with the state's size.
 
     .venv/bin/python bench/engine_bench.py [--gguf FILE] [--threads 2] [--repeats 3]
 """
@@ -112,6 +114,26 @@ def batch_throughput(model, threads: int, n_seq: int) -> float:
     return sum(r.completion_tokens for r in results) / wall
 
 
+def snapshot_cost(model, threads: int, n_ctx: int, repeats: int) -> tuple[float, float, int]:
+    """Median seconds to snapshot a sequence after a PROMPT_TOKENS prompt and to restore it; the state's bytes."""
+    from cascade_local.engine import Engine, PromptCache
+
+    tokens = prompt_ids(PROMPT_TOKENS)
+    with Engine(model, n_ctx=n_ctx, threads=threads) as engine:
+        # The engine's own snapshot path, timed alone (a chat turn also evaluates the prompt around it).
+        engine._evaluate(0, tokens, 0, len(tokens), logits_at_end=False)
+        taken, restored = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            state = engine._snapshot(0)
+            taken.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            done = engine._restore(0, PromptCache(list(tokens), state), [*tokens, tokens[0]])
+            restored.append(time.perf_counter() - started)
+            assert done == len(tokens)
+    return statistics.median(taken), statistics.median(restored), len(state)
+
+
 TTFT_CHILD = """
 import sys, time
 t0 = float(sys.argv[2])
@@ -163,6 +185,7 @@ def main() -> None:
     our_p = PROMPT_TOKENS / statistics.median(p for p, _ in ours)
     our_g = (GEN_TOKENS - 1) / statistics.median(g for _, g in ours)
     throughput = {n: batch_throughput(model, args.threads, n) for n in (1, 4, 8)}
+    snap_s, restore_s, state_bytes = snapshot_cost(model, args.threads, n_ctx, args.repeats)
     ttft = [time_to_first_token(gguf, args.threads) for _ in range(args.repeats)]
     lines = [
         f"Engine benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs ({cpu_model()}), "
@@ -178,11 +201,17 @@ def main() -> None:
         "|--:|--:|--:|",
         *(f"| {n} | {tps:.1f} | {tps / throughput[1]:.2f} |" for n, tps in throughput.items()),
         "",
+        "| prompt snapshot | state size | snapshot | restore |",
+        "|---|--:|--:|--:|",
+        f"| one sequence after {PROMPT_TOKENS} prompt tokens | {state_bytes / 1e6:.2f} MB | {snap_s * 1e3:.2f} ms "
+        f"| {restore_s * 1e3:.2f} ms |",
+        "",
         f"Time to first token, fresh process, start-up and model load included: median {statistics.median(ttft):.2f} s "
         f"(runs: {', '.join(f'{t:.2f}' for t in ttft)})",
     ]
     text = "\n".join(lines)
     print(text)
+    OUT.mkdir(parents=True, exist_ok=True)  # absent when --gguf skipped building the slice
     (OUT / "engine_bench.md").write_text(text + "\n")
 
 

@@ -293,17 +293,23 @@ class Engine:
             return 0
         if tokens[: len(cache.tokens)] != cache.tokens:
             return 0
-        buf = (ctypes.c_ubyte * len(cache.state)).from_buffer_copy(cache.state)
-        if self._lib.llama_state_seq_set_data(self.ctx, buf, len(cache.state), seq) == 0:
+        # llama.cpp reads the bytes where they are (a c_char_p of bytes points into the object): no copy.
+        src = ctypes.cast(ctypes.c_char_p(cache.state), ctypes.POINTER(ctypes.c_uint8))
+        if self._lib.llama_state_seq_set_data(self.ctx, src, len(cache.state), seq) == 0:
             self._forget(seq)
             return 0
         return len(cache.tokens)
 
     def _snapshot(self, seq: int) -> bytes:
-        size = self._lib.llama_state_seq_get_size(self.ctx, seq)
-        buf = (ctypes.c_ubyte * size)()
-        written = self._lib.llama_state_seq_get_data(self.ctx, buf, size, seq)
-        return bytes(buf[:written])
+        """The sequence's state: llama.cpp writes it into a buffer, copied once into bytes Python owns.
+
+        (Slicing the ctypes array would build a list of ints first: 10x the memory, 50x the time.)
+        """
+        ctx = self.ctx
+        size = self._lib.llama_state_seq_get_size(ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = self._lib.llama_state_seq_get_data(ctx, buf, size, seq)
+        return ctypes.string_at(buf, written)
 
     def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """Batch rows of (sequence, token, position, wants logits)."""
