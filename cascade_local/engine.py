@@ -32,7 +32,28 @@ CLOSE_THINKING = "\n</think>\n\n"
 
 
 class DecodeError(CascadeError):
+    """llama.cpp could not create the context or evaluate a batch; `code` is llama_decode's return value."""
+
     exit_code = 2
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def decode_error(code: int, n_ctx: int, n_seq_max: int) -> DecodeError:
+    """What a nonzero llama_decode return means, and what to do about it (llama.h documents each code)."""
+    if code == 1:
+        what = (f"no room left in the context for this batch (no free KV slot; {n_ctx} tokens shared by "
+                f"{n_seq_max} sequences): use a larger --ctx or fewer --parallel, or shorter prompts")
+    elif code == -1:
+        what = "llama.cpp rejected the batch as invalid: a bug in cascade-local, please report it"
+    elif code == 2:
+        what = "decoding was aborted before the batch was done"
+    else:
+        what = ("the computation failed (out of memory, or the GPU backend failed): try a smaller --ctx, "
+                "fewer --parallel, or less of the model on the GPU (--gpu-mem, --cpu-moe)")
+    return DecodeError(f"llama_decode returned {code}: {what}", code)
 
 
 class Sampler(Protocol):
@@ -328,7 +349,7 @@ class Engine:
     def _decode(self) -> None:
         rc = self._lib.llama_decode(self.ctx, self._batch)
         if rc != 0:
-            raise DecodeError(f"llama_decode failed ({rc}): the context is full or memory ran out")
+            raise decode_error(rc, self.n_ctx, self.n_seq_max)
 
     def _step(self, slots: dict[int, _Slot]) -> Iterator[Event]:
         """Feeds every slot its pending tokens and samples its next one.

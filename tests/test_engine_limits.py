@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cascade_local.engine import CLOSE_THINKING, Engine, Request
+from cascade_local.engine import CLOSE_THINKING, DecodeError, Engine, Request, decode_error
 from cascade_local.llama_model import LoadedModel
 from cascade_local.sampling import SamplingParams
 
@@ -36,3 +36,27 @@ def test_thoughts_closing_in_the_same_step_never_overfill_the_batch(model, n_seq
     expected = [(alone[i % len(TEXTS)].reasoning, alone[i % len(TEXTS)].content) for i in range(n_seq)]
     assert [(r.reasoning, r.content) for r in together] == expected
     assert all(r.content for r in alone)  # the model answered after the injected </think>
+
+
+def test_a_full_context_is_named_with_what_to_do(model):
+    """llama_decode returns 1 when no KV cell is left for the batch."""
+    with Engine(model, n_ctx=256, threads=2) as engine:
+        tokens = [20 + i % 700 for i in range(engine.n_ctx)]
+        engine._evaluate(0, tokens, 0, len(tokens), logits_at_end=False)  # every cell of the context in use
+        with pytest.raises(DecodeError, match=r"returned 1: no room left in the context .*--ctx") as caught:
+            engine._evaluate(0, [*tokens, 20], engine.n_ctx, engine.n_ctx + 1, logits_at_end=True)
+    assert caught.value.code == 1 and caught.value.exit_code == 2
+
+
+def test_an_invalid_batch_is_reported_as_a_bug(model):
+    """llama_decode returns -1 for a batch it rejects (here a sequence id past n_seq_max)."""
+    with Engine(model, n_ctx=256, n_seq_max=1, threads=2) as engine:
+        engine._fill([(3, 20, 0, True)])
+        with pytest.raises(DecodeError, match=r"returned -1: llama.cpp rejected the batch as invalid"):
+            engine._decode()
+
+
+@pytest.mark.parametrize(("code", "says"), [(2, "aborted"), (-3, "computation failed"), (-2, "--gpu-mem")])
+def test_other_decode_failures_are_named(code, says):
+    error = decode_error(code, 4096, 2)
+    assert says in str(error) and error.code == code and "context is full" not in str(error)
