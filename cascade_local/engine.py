@@ -13,7 +13,6 @@ import codecs
 import contextlib
 import ctypes
 import dataclasses
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 from cascade_local.errors import CascadeError, ClosedError, UsageError
 from cascade_local.expert_stats import ExpertStats
+from cascade_local.ggml import default_threads
 from cascade_local.interrupt import deferred_interrupt
 from cascade_local.llama_model import LoadedModel
 from cascade_local.sampling import SamplerChain, SamplingParams
@@ -167,8 +167,8 @@ class Engine:
         params.n_ubatch = self.n_batch
         params.n_seq_max = n_seq_max
         params.kv_unified = False  # each sequence its own n_ctx / n_seq_max cells, as the planner counts them
-        # llama.cpp's own default is 4 threads whatever the machine: use every core unless told otherwise.
-        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        # llama.cpp's own default is 4 threads whatever the machine: use the CPUs we may run on unless told.
+        params.n_threads = params.n_threads_batch = threads or default_threads()
         params.no_perf = True
         self.expert_stats = expert_stats
         if expert_stats is not None:
