@@ -356,7 +356,7 @@ class Engine:
 
         A closing thought feeds `</think>` too, so a step may hold more rows than one batch: it is then
         decoded in pieces of at most `n_batch` rows, each piece's rows sampled before the next decode
-        overwrites the logits. A sequence's rows stay in order, its last (the one sampled) in the last piece.
+        overwrites the logits. A sequence's rows stay in order; its last (the one sampled) comes after the others.
         """
         entries: list[tuple[int, int, int, bool]] = []
         sampled_at: dict[int, _Slot] = {}  # entry index -> the slot whose next token its logits give
@@ -373,9 +373,9 @@ class Engine:
             self._fill(piece)
             self._decode()
             for row in range(len(piece)):
-                slot = sampled_at.get(first + row)
-                if slot is not None:
-                    yield from self._after_sample(slots, slot, slot.sampler.sample(self.ctx, row))
+                owner = sampled_at.get(first + row)
+                if owner is not None:
+                    yield from self._after_sample(slots, owner, owner.sampler.sample(self.ctx, row))
 
     def _after_sample(self, slots: dict[int, _Slot], slot: _Slot, token: int) -> Iterator[Event]:
         request, result = slot.request, slot.result
