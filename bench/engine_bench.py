@@ -9,6 +9,8 @@ On one GGUF (by default the real-width slice converted with the default recipe),
 * prompt and generation tokens/s with ggml's extra CPU buffer types on (`all`: AMX where built, and weight
   repacking), repacking only (`repack`) and off (`none`), each in a child process with CASCADE_LOCAL_CPU_EXTRA
   set; a mode that kills its child (AMX on VMs that cannot run it) is reported as such, not fatal.
+* the cost of one prompt snapshot (a sequence's state copied out after its prompt, as each chat turn
+  and tool round does) and of restoring it, with the state's size.
 
     .venv/bin/python bench/engine_bench.py [--gguf FILE] [--threads 2] [--repeats 3]
 """
@@ -113,6 +115,26 @@ def batch_throughput(model, threads: int, n_seq: int) -> float:
     engine.close()
     # Includes each sequence's prompt; prompts are short so generation dominates.
     return sum(r.completion_tokens for r in results) / wall
+
+
+def snapshot_cost(model, threads: int, n_ctx: int, repeats: int) -> tuple[float, float, int]:
+    """Median seconds to snapshot a sequence after a PROMPT_TOKENS prompt and to restore it; the state's bytes."""
+    from cascade_local.engine import Engine, PromptCache
+
+    tokens = prompt_ids(PROMPT_TOKENS)
+    with Engine(model, n_ctx=n_ctx, threads=threads) as engine:
+        # The engine's own snapshot path, timed alone (a chat turn also evaluates the prompt around it).
+        engine._evaluate(0, tokens, 0, len(tokens), logits_at_end=False)
+        taken, restored = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            state = engine._snapshot(0)
+            taken.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            done = engine._restore(0, PromptCache(list(tokens), state), [*tokens, tokens[0]])
+            restored.append(time.perf_counter() - started)
+            assert done == len(tokens)
+    return statistics.median(taken), statistics.median(restored), len(state)
 
 
 TTFT_CHILD = """
@@ -226,6 +248,7 @@ def main() -> None:
     our_p = PROMPT_TOKENS / statistics.median(p for p, _ in ours)
     our_g = (GEN_TOKENS - 1) / statistics.median(g for _, g in ours)
     throughput = {n: batch_throughput(model, args.threads, n) for n in (1, 4, 8)}
+    snap_s, restore_s, state_bytes = snapshot_cost(model, args.threads, n_ctx, args.repeats)
     ttft = [time_to_first_token(gguf, args.threads) for _ in range(args.repeats)]
     lines = [
         header,
@@ -239,6 +262,11 @@ def main() -> None:
         "|--:|--:|--:|",
         *(f"| {n} | {tps:.1f} | {tps / throughput[1]:.2f} |" for n, tps in throughput.items()),
         "",
+        "| prompt snapshot | state size | snapshot | restore |",
+        "|---|--:|--:|--:|",
+        f"| one sequence after {PROMPT_TOKENS} prompt tokens | {state_bytes / 1e6:.2f} MB | {snap_s * 1e3:.2f} ms "
+        f"| {restore_s * 1e3:.2f} ms |",
+        "",
         f"Time to first token, fresh process, start-up and model load included: median {statistics.median(ttft):.2f} s "
         f"(runs: {', '.join(f'{t:.2f}' for t in ttft)})",
         "",
@@ -246,6 +274,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
+    OUT.mkdir(parents=True, exist_ok=True)  # absent when --gguf skipped building the slice
     (OUT / "engine_bench.md").write_text(text + "\n")
 
 

@@ -47,3 +47,9 @@ class TemplateError(CascadeError):
     """A chat template failed to render (or tried to escape the sandbox)."""
 
     exit_code = 2
+
+
+class ClosedError(CascadeError):
+    """A model or engine was used after close(): its native memory is gone (this would have been a crash)."""
+
+    exit_code = 2

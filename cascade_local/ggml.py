@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
@@ -40,7 +39,13 @@ def _lib() -> ctypes.CDLL:
 
 
 def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """Threads for ggml's work (quantizing, decoding) when none are asked for: the CPUs this process may use.
+
+    The one place that decides it: affinity capped by a container's cgroup quota (cpus.available_cpus).
+    """
+    from cascade_local.cpus import available_cpus
+
+    return available_cpus()
 
 
 def quantize_rows(

@@ -7,7 +7,8 @@ instruction, `build_messages` and `render_prompt` turn the text into the model's
 
     engine, _ = open_engine("model.gguf")
     job = OneShot("Summarize:\\n\\n" + text, thinking=False, sampling=sampling_for(False))
-    result = generate(engine, job)  # result.content, result.reasoning, result.completion_tokens...
+    with engine:  # frees the context, then the model it owns
+        result = generate(engine, job)  # result.content, result.reasoning, result.completion_tokens...
 """
 
 from __future__ import annotations

@@ -39,12 +39,19 @@ def plan_for(spec: str | None, *, ctx: int, parallel: int, placement: PlacementO
 
 def open_engine(spec: str | None, *, ctx: int = 8192, parallel: int = 1, threads: int | None = None,
                 placement: PlacementOptions | None = None) -> tuple[Engine, Plan]:
-    """Plan, then load the model with the plan's tensor overrides and create a context for `parallel` sequences."""
+    """Plan, then load the model with the plan's tensor overrides and create a context for `parallel` sequences.
+
+    The engine owns the model: closing it (or leaving `with engine:`) frees the context, then the model.
+    """
     from pathlib import Path
 
     from cascade_local.devices import plan_overrides
 
     plan = plan_for(spec, ctx=ctx, parallel=parallel, placement=placement or PlacementOptions())
     model = LoadedModel(Path(plan.path), overrides=plan_overrides(plan))
-    engine = Engine(model, n_ctx=plan.memory.n_ctx, n_seq_max=parallel, threads=threads)
+    try:
+        engine = Engine(model, n_ctx=plan.memory.n_ctx, n_seq_max=parallel, threads=threads, owns_model=True)
+    except BaseException:  # no context (or Ctrl-C while creating it): the model is ours to free
+        model.close()
+        raise
     return engine, plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def batch(
     if force and resume:
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
     settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
-    with open_batch(input, output, resume=resume is not False, force=force) as job:
+    with open_batch(input, output, resume=resume is not False, force=force) as job, contextlib.ExitStack() as owned:
         engine = None
         if job.todo and endpoint:
             from cascade_local.batch import RemoteBackend
@@ -77,6 +78,7 @@ def batch(
             with err_console.status("loading"):
                 engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
                     gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+            owned.enter_context(engine)  # freed (context, then model) before the output is closed
         with _Progress() as progress:
             summary = run_batch(job, engine, settings, observer=progress)
     err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)

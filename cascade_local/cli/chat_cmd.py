@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import typer
@@ -82,35 +83,38 @@ def chat(
         if endpoint:
             raise UsageError("--tools needs the local engine and the chat template: leave out --endpoint")
         make_tools(tools)  # an unknown name, or the tools extra missing, fails before the model loads
-    if endpoint:
-        from cascade_local.endpoints import resolve_endpoint
-        from cascade_local.remote_conversation import RemoteConversation
+    with contextlib.ExitStack() as owned:  # what the chat opens, closed when it ends, however it ends
+        if endpoint:
+            from cascade_local.endpoints import resolve_endpoint
+            from cascade_local.remote_conversation import RemoteConversation
 
-        target = resolve_endpoint(endpoint)
-        remote = target.engine()
-        if model:
-            remote.model = model
-        conversation = RemoteConversation(remote, system, target.url)
-    else:
-        placement = PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor))
-        with err_console.status("loading"):
-            engine, plan = open_engine(model, ctx=ctx, threads=threads, placement=placement)
-        conversation = Conversation(engine, system)
-    entry = load_registry().get(None)  # the recommended sampling of the model family
+            target = resolve_endpoint(endpoint)
+            remote = target.engine()
+            if model:
+                remote.model = model
+            conversation = RemoteConversation(remote, system, target.url)
+        else:
+            placement = PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor))
+            with err_console.status("loading"):
+                engine, plan = open_engine(model, ctx=ctx, threads=threads, placement=placement)
+            owned.enter_context(engine)  # context, then model: never left to the order of __del__ at exit
+            conversation = Conversation(engine, system)
+        entry = load_registry().get(None)  # the recommended sampling of the model family
 
-    def sampling(thinking: bool) -> SamplingParams:
-        defaults = entry.sampling_defaults(thinking)
-        return SamplingParams(temperature=temperature if temperature is not None else defaults.get("temperature", 1.0),
-                              top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed,
-                              ignore_eos=ignore_eos)
+        def sampling(thinking: bool) -> SamplingParams:
+            defaults = entry.sampling_defaults(thinking)
+            return SamplingParams(temperature=temperature if temperature is not None
+                                  else defaults.get("temperature", 1.0),
+                                  top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed,
+                                  ignore_eos=ignore_eos)
 
-    session = ChatSession(conversation, TurnSettings(think, budget, max_tokens, sampling(think)),  # type: ignore[arg-type]
-                          sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console,
-                          yes=yes)
-    if tools is not None:
-        session.enable_tools(tools)
-    err_console.print(session.banner(), highlight=False)
-    where = f"placement: {plan.verdict}" if plan is not None else f"served by {endpoint}"
-    err_console.print(where, style="dim", highlight=False, markup=False)
-    read = terminal_reader(history_file(home())) if sys.stdin.isatty() else plain_reader()
-    return run_chat(session, read)
+        session = ChatSession(conversation, TurnSettings(think, budget, max_tokens, sampling(think)),  # type: ignore[arg-type]
+                              sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console,
+                              yes=yes)
+        if tools is not None:
+            session.enable_tools(tools)
+        err_console.print(session.banner(), highlight=False)
+        where = f"placement: {plan.verdict}" if plan is not None else f"served by {endpoint}"
+        err_console.print(where, style="dim", highlight=False, markup=False)
+        read = terminal_reader(history_file(home())) if sys.stdin.isatty() else plain_reader()
+        return run_chat(session, read)

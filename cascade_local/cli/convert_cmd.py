@@ -20,7 +20,8 @@ def convert(
     imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     name: str | None = typer.Option(None, "--name", help="Model name stored in the file (default: folder name)."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="Quantization threads (default: all cores)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Quantization threads (default: the CPUs "
+                                       "this process may use)."),
 ) -> None:
     """Convert a Nemotron-H MoE checkpoint to GGUF in one streaming pass, quantizing as it goes.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: the CPUs this process may use).")
 GPU_MEM = typer.Option("auto", "--gpu-mem", help="GPU memory to use: auto, a size (8GiB), or 0.")
 CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM.")
 N_CPU_MOE = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM.")

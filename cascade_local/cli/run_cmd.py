@@ -85,16 +85,17 @@ def run(
     with err_console.status("loading"):
         engine, _ = open_engine(spec, ctx=ctx, threads=threads,
                                 placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
-    if tools is not None:
-        _run_tools(engine, job, tools, json_out, show_thinking)
-        return
-    result = _show(oneshot.stream(engine, job), json_out, show_thinking)
-    if json_out:
-        write_stdout(json.dumps(oneshot.result_json(result, engine.model.path.name), ensure_ascii=False) + "\n")
-    elif err_console.is_terminal:
-        err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
-                          f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
-                          style="dim", highlight=False)
+    with engine:  # context, then model, freed here: never left to the order of __del__ at exit
+        if tools is not None:
+            _run_tools(engine, job, tools, json_out, show_thinking)
+            return
+        result = _show(oneshot.stream(engine, job), json_out, show_thinking)
+        if json_out:
+            write_stdout(json.dumps(oneshot.result_json(result, engine.model.path.name), ensure_ascii=False) + "\n")
+        elif err_console.is_terminal:
+            err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
+                              f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
+                              style="dim", highlight=False)
 
 
 def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool) -> None:
