@@ -82,13 +82,14 @@ types = defaultdict(set)
 for t in reader.tensors:
     types[tensor_class(t.name)].add(t.tensor_type.name)
 result = {"tensor_bytes": tensor_bytes, "params": params, "types": {k: "/".join(sorted(v)) for k, v in types.items()}}
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 if ref_path == "-":
     np.save(sys.argv[7], logits)
+    result["top_p"] = float(np.exp(log_softmax(logits.astype(np.float64))).max(-1).mean())
 else:
     ref = np.load(ref_path).astype(np.float64)
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
     lp, lq = log_softmax(ref), log_softmax(logits.astype(np.float64))
     result["kl"] = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
     result["top1"] = float((ref.argmax(-1) == logits.argmax(-1)).mean())
