@@ -484,6 +484,9 @@ lib.llama_backend_init()
 before = rss()
 mp = lib.llama_model_default_params()
 mp.load_mode = lib.LLAMA_LOAD_MODE_NONE
+# Extra CPU buffer types only where this machine runs them (AMX faults on some Intel VMs): see cpu_extra.
+from cascade_local.cpu_extra import process_verdict
+mp.use_extra_bufts = process_verdict().mode == "all"
 model = lib.llama_model_load_from_file(path.encode(), mp)
 cp = lib.llama_context_default_params()
 cp.n_ctx, cp.n_seq_max, cp.n_ubatch = n_ctx, n_seq, n_ubatch
