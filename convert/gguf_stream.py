@@ -4,7 +4,8 @@ gguf-py's `GGUFWriter` lays out the header, metadata and tensor table (its publi
 but takes each tensor's data as one whole array: a stacked expert tensor of the real model is
 1.3 GB in BF16. This class appends the data section itself, a piece at a time, at the offsets the
 table promised (each tensor aligned to `general.alignment`), and refuses anything out of order.
-The file is written under a temporary name and renamed only once complete.
+The file is written under a unique temporary name beside it (two writers never share one) and
+renamed only once complete.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import gguf
 import numpy as np
 
 from cascade_local.errors import ConversionError
+from cascade_local.output_lock import temp_file
 
 
 def tensor_nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType) -> int:
@@ -52,7 +54,7 @@ class GGUFStreamWriter:
 
     def __init__(self, path: Path, arch: str):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.partial")
+        self.tmp_path: Path | None = None  # made unique in begin()
         self.meta = gguf.GGUFWriter(None, arch)  # metadata builder: add_* helpers, key names per arch
         self.slots: list[TensorSlot] = []
         self._state = _State.DECLARING
@@ -76,6 +78,7 @@ class GGUFStreamWriter:
         """Writes header, metadata and tensor table to the temporary file."""
         self._expect(_State.DECLARING, "begin")
         self._state = _State.FAILED  # until proven otherwise
+        self.tmp_path = temp_file(self.path)
         self.meta.write_header_to_file(self.tmp_path)
         self.meta.write_kv_data_to_file()
         self.meta.write_ti_data_to_file()
@@ -112,6 +115,7 @@ class GGUFStreamWriter:
         fh.flush()  # type: ignore[union-attr]
         os.fsync(fh.fileno())  # type: ignore[union-attr]
         fh.close()  # type: ignore[union-attr]
+        assert self.tmp_path is not None
         os.replace(self.tmp_path, self.path)
         self._state = _State.DONE
 
@@ -121,7 +125,7 @@ class GGUFStreamWriter:
             with contextlib.suppress(OSError):
                 self._fh.close()  # type: ignore[union-attr]
         self.meta.close()
-        if self._state is not _State.DONE:
+        if self._state is not _State.DONE and self.tmp_path is not None:
             self.tmp_path.unlink(missing_ok=True)
         self._state = _State.FAILED
 
