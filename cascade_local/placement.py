@@ -569,7 +569,8 @@ def _plan(gguf: GGUFFile, shape: ModelShape, *, ctx: int, gpu_bytes: int, parall
     if base + copy + sum(t.nbytes for group in flexible.values() for t in group) <= budget:
         gpu_layers = set(flexible)
     else:  # some experts stay on the CPU: keep room for the copy of one of them (op_offload)
-        copy = max(cpu_experts + [t.nbytes for group in flexible.values() for t in group])
+        # Both lists may be empty (a dense model, or -ot pinning every expert to the GPU): then nothing is copied.
+        copy = max(cpu_experts + [t.nbytes for group in flexible.values() for t in group], default=0)
         gpu_layers, used = set(), base + copy
         for layer in sorted(flexible):
             used += sum(t.nbytes for t in flexible[layer])

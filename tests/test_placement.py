@@ -320,6 +320,26 @@ def test_budget_too_small_for_the_dense_part_says_how_much_is_needed():
         gpu_plan(smallest_budget(need) - 1, ctx=256, parallel=1)
 
 
+@pytest.mark.parametrize("model", ["experts pinned to the GPU", "dense model"])
+def test_budget_too_small_with_no_expert_left_to_place(model):
+    # Nothing is flexible and nothing is on the CPU: the op_offload copy has no candidate and is 0.
+    if model == "dense model":
+        gguf = synthetic_model("MM*MM")
+        args = {}
+    else:
+        gguf, args = FULL, {"overrides": parse_override("exps=CUDA0")}
+    with pytest.raises(PlanError, match="too small for the dense part") as err:
+        plan_placement(gguf, gpu_bytes=1 * MiB, ctx=256, gpu_available=True, **args)
+    m = context_memory(ModelShape.from_gguf(gguf), 256, 1)
+    pinned = sum(t.nbytes for t in gguf.tensors if re.search(EXPERT_REGEX, t.name))
+    need = dense_gpu_bytes(gguf) + pinned + m.kv + m.state + m.compute
+    needed, unit = re.search(r"needs a budget of at least ([\d.]+) (GiB|MiB)", str(err.value)).groups()
+    assert float(needed) == pytest.approx(smallest_budget(need) / (GiB if unit == "GiB" else MiB), abs=0.005)
+    plan = plan_placement(gguf, gpu_bytes=smallest_budget(need), ctx=256, gpu_available=True, **args)
+    assert plan.expert_copy == 0 and plan.weights(CPU) == sum(t.nbytes for t in gguf.tensors
+                                                             if t.name == "token_embd.weight")
+
+
 def test_context_too_large_for_the_gpu_names_the_largest_that_fits():
     with pytest.raises(PlanError) as err:
         gpu_plan(4 * GiB, ctx=1_000_000, parallel=4)
@@ -444,6 +464,9 @@ def test_plan_table_with_an_assumed_gpu_shows_the_overrides(tiny_gguf):
     (["--ctx", "0"], 1, "--ctx must be at least 1"),
     (["--assume-gpu", "8GiB", "--gpu-mem", "200MiB"], 2, "too small for the dense part"),
     (["--ctx", "1000000000", "--parallel", "4"], 2, "largest --ctx that fits"),
+    # Every expert pinned to the GPU and no room for the dense part: once a max() of an empty list (issue 16).
+    (["--assume-gpu", "1MiB", "--gpu-mem", "1MiB", "--override-tensor", "exps=CUDA0"], 2,
+     "too small for the dense part"),
 ])
 def test_plan_errors(tiny_gguf, args, code, message):
     result = run_cli("plan", str(tiny_gguf("q8_0")), *args)
