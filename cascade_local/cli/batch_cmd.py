@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,13 @@ def batch(
     if force and resume:
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
     settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
-    with open_batch(input, output, resume=resume is not False, force=force) as job:
+    with open_batch(input, output, resume=resume is not False, force=force) as job, contextlib.ExitStack() as owned:
         engine = None
         if job.todo and endpoint:
             from cascade_local.batch import RemoteBackend
             from cascade_local.endpoints import resolve_endpoint
 
-            remote = resolve_endpoint(endpoint).engine()
+            remote = owned.enter_context(resolve_endpoint(endpoint).engine())  # closed with its connections
             if model:
                 remote.model = model
             engine = RemoteBackend(remote, parallel)

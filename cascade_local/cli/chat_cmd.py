@@ -75,6 +75,7 @@ def chat(
     from cascade_local.sampling import SamplingParams
 
     plan = None
+    remote = None
     if tools is not None:
         from cascade_local.errors import UsageError
         from cascade_local.tools import make_tools
@@ -104,13 +105,17 @@ def chat(
                               top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed,
                               ignore_eos=ignore_eos)
 
-    session = ChatSession(conversation, TurnSettings(think, budget, max_tokens, sampling(think)),  # type: ignore[arg-type]
-                          sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console,
-                          yes=yes)
-    if tools is not None:
-        session.enable_tools(tools)
-    err_console.print(session.banner(), highlight=False)
-    where = f"placement: {plan.verdict}" if plan is not None else f"served by {endpoint}"
-    err_console.print(where, style="dim", highlight=False, markup=False)
-    read = terminal_reader(history_file(home())) if sys.stdin.isatty() else plain_reader()
-    return run_chat(session, read)
+    try:
+        session = ChatSession(conversation, TurnSettings(think, budget, max_tokens, sampling(think)),  # type: ignore[arg-type]
+                              sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console,
+                              yes=yes)
+        if tools is not None:
+            session.enable_tools(tools)
+        err_console.print(session.banner(), highlight=False)
+        where = f"placement: {plan.verdict}" if plan is not None else f"served by {endpoint}"
+        err_console.print(where, style="dim", highlight=False, markup=False)
+        read = terminal_reader(history_file(home())) if sys.stdin.isatty() else plain_reader()
+        return run_chat(session, read)
+    finally:
+        if remote is not None:  # its HTTP connections
+            remote.close()
