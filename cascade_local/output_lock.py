@@ -51,7 +51,7 @@ def output_lock(target: Path, what: str, *, notify: Callable[[str], None] = _say
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise UsageError(f"cannot write in {path.parent}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot write in {path.parent}: {exc.strerror or exc} (creating {path.name})") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
