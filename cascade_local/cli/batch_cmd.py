@@ -56,8 +56,9 @@ def batch(
 
     Example: cascade-local batch questions.jsonl -o answers.jsonl --parallel 4 --max-tokens 1024
     """
-    from cascade_local.batch import ItemSettings, open_batch, run_batch
+    from cascade_local.batch import ItemSettings, RemoteBackend, open_batch, run_batch
     from cascade_local.cli.run_cmd import write_stdout
+    from cascade_local.engine import Engine
     from cascade_local.errors import UsageError
     from cascade_local.runtime import PlacementOptions, open_engine
 
@@ -65,9 +66,8 @@ def batch(
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
     settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
     with open_batch(input, output, resume=resume is not False, force=force) as job, contextlib.ExitStack() as owned:
-        engine = None
+        engine: Engine | RemoteBackend | None = None
         if job.todo and endpoint:
-            from cascade_local.batch import RemoteBackend
             from cascade_local.endpoints import resolve_endpoint
 
             remote = owned.enter_context(resolve_endpoint(endpoint).engine())  # closed with its connections

@@ -71,11 +71,13 @@ def chat(
     from cascade_local.conversation import Conversation, TurnSettings
     from cascade_local.paths import home
     from cascade_local.registry import load_registry
+    from cascade_local.remote_conversation import RemoteConversation
     from cascade_local.runtime import PlacementOptions, open_engine
     from cascade_local.sampling import SamplingParams
 
     plan = None
     remote = None
+    conversation: Conversation | RemoteConversation
     if tools is not None:
         from cascade_local.errors import UsageError
         from cascade_local.tools import make_tools
@@ -85,7 +87,6 @@ def chat(
         make_tools(tools)  # an unknown name, or the tools extra missing, fails before the model loads
     if endpoint:
         from cascade_local.endpoints import resolve_endpoint
-        from cascade_local.remote_conversation import RemoteConversation
 
         target = resolve_endpoint(endpoint)
         remote = target.engine()
