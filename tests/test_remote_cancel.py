@@ -128,6 +128,30 @@ def test_closing_the_stream_cancels_what_is_in_flight(server):
     assert len(server.gone) == 2
 
 
+def test_a_failing_batch_consumer_cancels_the_stalled_requests(server, tmp_path: Path):
+    """The batch's own side fails (here its observer, as a full disk would in writing): stalled requests end."""
+    from cascade_local.batch import ItemSettings, RemoteBackend, open_batch, run_batch
+
+    class Fails:
+        def start(self, total: int) -> None:
+            pass
+
+        def record(self, record: dict, completion_tokens: int) -> None:
+            raise RuntimeError("disk full")
+
+    prompts = tmp_path / "in.txt"
+    prompts.write_text("Hi\nHello\nquick\n")
+    with RemoteEngine(server.url) as engine, open_batch(prompts, tmp_path / "out.jsonl") as job:
+        backend = RemoteBackend(engine, parallel=3)
+        with pytest.raises(RuntimeError, match="disk full"):
+            run_batch(job, backend, ItemSettings(thinking=False), observer=Fails())
+        failed = time.monotonic()
+        deadline = failed + 2
+        while len(server.gone) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(server.gone) == 2 and max(server.gone) - failed < 0.5
+
+
 def test_ctrl_c_ends_a_remote_batch_at_once(server, tmp_path: Path):
     prompts = tmp_path / "in.txt"
     prompts.write_text("Hi\nHello\n")
