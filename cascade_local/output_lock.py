@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -85,23 +86,22 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def temp_file(target: Path) -> Path:
-    """A new empty file beside `target`, named `.NAME.XXXX.partial`, with the mode a plain `open` would give."""
+    """A new empty file beside `target`, named `.NAME.XXXXXXXX.partial`, with the mode a plain `open` would give.
+
+    Made as mkstemp makes its files (O_CREAT | O_EXCL on a random name, so no one else has it), but with mode
+    0666 less the umask rather than mkstemp's private 0600: the finished output is an ordinary file.
+    """
     target = Path(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); the finished output should be as readable as any other file.
-    os.chmod(name, 0o666 & ~_umask())
-    return Path(name)
+    while True:
+        path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
 
 
 def temp_dir(target: Path) -> Path:
     """A new empty folder beside `target`, named `.NAME.XXXX.partial`, to build `target` in."""
     target = Path(target)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-
-
-def _umask() -> int:
-    # The only way to read the umask is to set it; done once per temporary file, never concurrently here.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

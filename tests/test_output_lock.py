@@ -90,6 +90,9 @@ def test_two_overlapping_conversions_to_one_output(small_checkpoint, reference, 
                 p.kill()
                 p.wait()
     assert out.read_bytes() == reference, "the output is not one conversion's bytes"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not a private temporary one
     assert a.returncode == 0, a_err
     assert said == f"another conversion of {out} is running; waiting"
     if force:  # B waited, then replaced A's file with its own, whole
