@@ -503,8 +503,7 @@ def test_plan_table_with_an_assumed_gpu_shows_the_overrides(tiny_gguf):
     (["--assume-gpu", "8GiB", "--gpu-mem", "200MiB"], 2, "too small for the dense part"),
     (["--ctx", "1000000000", "--parallel", "4"], 2, "largest --ctx that fits"),
     # Every expert pinned to the GPU and no room for the dense part: once a max() of an empty list (issue 16).
-    (["--assume-gpu", "1MiB", "--gpu-mem", "1MiB", "--override-tensor", "exps=CUDA0"], 2,
-     "too small for the dense part"),
+    (["--assume-gpu", "1MiB", "--gpu-mem", "1MiB", "-ot", "exps=CUDA0"], 2, "too small for the dense part"),
 ])
 def test_plan_errors(tiny_gguf, args, code, message):
     result = run_cli("plan", str(tiny_gguf("q8_0")), *args)
