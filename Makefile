@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make chat   - create the venv, install cascade-local, chat with the default model (MODEL=path.gguf for a file)
-#   make test   - create the venv, install cascade-local with its test tools, lint, run the tests
+#   make test   - create the venv, install cascade-local with its test tools, lint, type-check, run the tests
 # llama-cpp-python builds from source the first time (about 4 minutes on 2 cores); pip caches the wheel.
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?=
 
-.PHONY: chat test lint bench clean
+.PHONY: chat test lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,20 @@ chat: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+# mypy cannot follow setuptools' editable-install hook, which installs convert/ as cascade_local.convert:
+# it checks a tree of links (build/mypy) with that layout. Paths in its messages are relative to that tree.
+typecheck: $(STAMP)
+	rm -rf build/mypy && mkdir -p build/mypy/cascade_local
+	for f in cascade_local/*; do ln -s "$(CURDIR)/$$f" build/mypy/cascade_local/; done
+	ln -s "$(CURDIR)/convert" build/mypy/cascade_local/convert
+	cd build/mypy && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" \
+		--cache-dir "$(CURDIR)/.mypy_cache" -p cascade_local
+
+test: lint typecheck
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/convert_bench.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

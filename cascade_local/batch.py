@@ -456,10 +456,12 @@ def run_batch(job: BatchJob, engine: Engine | RemoteBackend | None, settings: It
         size = chunk or 16 * engine.n_seq_max
         for first in range(0, len(todo), size):
             requests: list[Any] = []
-            prepare = prepare_chat_request if isinstance(engine, RemoteBackend) else prepare_request
             for index in range(first, min(first + size, len(todo))):
                 try:
-                    requests.append(prepare(engine, todo[index], settings, defaults, tag=index))
+                    if isinstance(engine, RemoteBackend):
+                        requests.append(prepare_chat_request(engine, todo[index], settings, defaults, tag=index))
+                    else:
+                        requests.append(prepare_request(engine, todo[index], settings, defaults, tag=index))
                 except CascadeError as exc:
                     write(error_record(todo[index], str(exc)))
             for event in engine.stream_many(requests):

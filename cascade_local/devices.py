@@ -148,7 +148,7 @@ class TensorBuftOverride(ctypes.Structure):
 class BuftOverrides:
     """A NULL-terminated override array and everything it points to; keep this object alive while loading."""
 
-    array: ctypes.Array  # of TensorBuftOverride, the last one {NULL, NULL}
+    array: ctypes.Array[TensorBuftOverride]  # the last one {NULL, NULL}
     patterns: list[bytes]
     n_gpu_layers: int
 
@@ -163,7 +163,7 @@ class BuftOverrides:
 
 
 def cpu_buffer_type() -> int:
-    return _ggml()["cpu_buffer_type"]()
+    return _buffer_type(_ggml()["cpu_buffer_type"](), "CPU")
 
 
 def gpu_buffer_type() -> int:
@@ -172,7 +172,14 @@ def gpu_buffer_type() -> int:
     if not gpus:
         raise ModelLoadError("a tensor override names a GPU, but this llama-cpp-python build has no GPU device "
                              "(`cascade-local doctor` shows the build and the command to rebuild it for a GPU)")
-    return _ggml()["dev_buffer_type"](gpus[0].handle)
+    return _buffer_type(_ggml()["dev_buffer_type"](gpus[0].handle), gpus[0].name)
+
+
+def _buffer_type(pointer: int | None, device: str) -> int:
+    """A c_void_p result: an int, or None for NULL, which would silently mean "no override" to llama.cpp."""
+    if not pointer:
+        raise ModelLoadError(f"llama.cpp has no buffer type for {device}")
+    return pointer
 
 
 def buffer_type_name(buft: int) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cascade_local.convert import ConversionProgress, convert
 from cascade_local.errors import ModelNotFoundError, UsageError
+from cascade_local.output_lock import output_lock, temp_dir
 from cascade_local.paths import models_dir
 from cascade_local.registry import ModelEntry, load_registry
 
@@ -83,22 +84,25 @@ def pull(spec: str, *, recipe: str | None = None, gguf: bool = False, force: boo
 
 def _install(name: str, variant: str, force: bool, make: Callable[[Path], object]) -> LocalModel:
     out = target_path(name, variant)
-    if out.exists():
-        if force:
-            _replace(out, make)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        make(out)
-    stat = out.stat()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One pull per model file at a time: a second (two first-run chats) waits, then finds the model there.
+    with output_lock(out, f"pull of {name} ({variant})"):
+        if force or not out.exists():
+            _build(out, make)
+        stat = out.stat()
     return LocalModel(name, out, variant, stat.st_size, stat.st_mtime)
 
 
-def _replace(out: Path, make: Callable[[Path], object]) -> None:
-    # Build beside the old file, then swap: a failed pull never leaves the user without their model.
-    fresh = out.with_name(f"{out.stem}.new{out.suffix}")
-    fresh.unlink(missing_ok=True)
-    make(fresh)
-    os.replace(fresh, out)
+def _build(out: Path, make: Callable[[Path], object]) -> None:
+    # Build in a folder of this job's own beside the target, then swap: a failed pull never leaves the user
+    # without their model, nor a half-made file under the model's name.
+    folder = temp_dir(out)
+    try:
+        fresh = folder / out.name
+        make(fresh)
+        os.replace(fresh, out)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _download_gguf(entry: ModelEntry, out: Path) -> None:
@@ -109,10 +113,9 @@ def _download_gguf(entry: ModelEntry, out: Path) -> None:
 
     repo, filename = entry.gguf[0]["repo"], entry.gguf[0]["file"]
     cached = download_file(repo, filename, hint=LOCAL_HINT)
-    # Copy, not link: the Hub cache may be cleaned independently of the models folder.
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.copyfile(cached, partial)
-    os.replace(partial, out)
+    # Copy, not link: the Hub cache may be cleaned independently of the models folder. `out` is a
+    # temporary name already (see _build), renamed only once the copy is complete.
+    shutil.copyfile(cached, out)
 
 
 def remove(name: str, variant: str | None = None) -> list[Path]:

@@ -479,20 +479,23 @@ def plan_placement(gguf: GGUFFile, *, gpu_bytes: int, ctx: int, parallel: int = 
     """
     _check_args(ctx, parallel, n_cpu_moe, gpu_bytes, n_ubatch, n_batch, n_outputs_max)
     shape = ModelShape.from_gguf(gguf)
-    overrides = tuple(overrides)
-    args = dict(gpu_bytes=gpu_bytes, parallel=parallel, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, overrides=overrides,
-                ram_bytes=ram_bytes, gpu_available=gpu_available, gpu_name=gpu_name, n_ubatch=n_ubatch,
-                n_batch=n_batch, n_outputs_max=n_outputs_max)
-    plan, short = _plan(gguf, shape, ctx=ctx, **args)
+    fixed = tuple(overrides)
+
+    def plan_for(ctx: int) -> tuple[Plan, _Shortfall | None]:
+        return _plan(gguf, shape, ctx=ctx, gpu_bytes=gpu_bytes, parallel=parallel, cpu_moe=cpu_moe,
+                     n_cpu_moe=n_cpu_moe, overrides=fixed, ram_bytes=ram_bytes, gpu_available=gpu_available,
+                     gpu_name=gpu_name, n_ubatch=n_ubatch, n_batch=n_batch, n_outputs_max=n_outputs_max)
+
+    plan, short = plan_for(ctx)
     if short is None:
         return plan
-    short_small = _plan(gguf, shape, ctx=1, **args)[1]
+    short_small = plan_for(1)[1]
     if short_small is not None:  # not even the smallest context fits: the context is not the problem
         raise _too_small(short if short.device == short_small.device else short_small, plan)
     low, high = 1, _pad(ctx) // CTX_PAD - 1  # in units of 256 tokens: llama.cpp pads ctx to these
     while low < high:
         mid = (low + high + 1) // 2
-        if _plan(gguf, shape, ctx=mid * CTX_PAD, **args)[1] is None:
+        if plan_for(mid * CTX_PAD)[1] is None:
             low = mid
         else:
             high = mid - 1
@@ -569,7 +572,8 @@ def _plan(gguf: GGUFFile, shape: ModelShape, *, ctx: int, gpu_bytes: int, parall
     if base + copy + sum(t.nbytes for group in flexible.values() for t in group) <= budget:
         gpu_layers = set(flexible)
     else:  # some experts stay on the CPU: keep room for the copy of one of them (op_offload)
-        copy = max(cpu_experts + [t.nbytes for group in flexible.values() for t in group])
+        # Both lists may be empty (a dense model, or -ot pinning every expert to the GPU): then nothing is copied.
+        copy = max(cpu_experts + [t.nbytes for group in flexible.values() for t in group], default=0)
         gpu_layers, used = set(), base + copy
         for layer in sorted(flexible):
             used += sum(t.nbytes for t in flexible[layer])
@@ -620,7 +624,7 @@ def _fixed_devices(gguf: GGUFFile, why_cpu: str | None, overrides: tuple[tuple[s
             device, why = hit[0], f"--override-tensor {hit[1]}"
         elif expert and cpu_moe:
             device, why = CPU, "--cpu-moe"
-        elif expert and n_cpu_moe is not None and layer < n_cpu_moe:
+        elif expert and n_cpu_moe is not None and layer is not None and layer < n_cpu_moe:
             device, why = CPU, f"--n-cpu-moe {n_cpu_moe}"
         elif expert:
             device, why = None, "expert"

@@ -15,13 +15,14 @@ template that already opened `<think>` (reasoning first, then `</think>`) or wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,10 @@ class ChatRequest:
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
+# After stream_many cancels its requests, how long it waits for its workers to notice before it returns anyway
+# (they are daemon threads: one stuck connecting to a dead host cannot keep the process alive).
+CANCEL_GRACE = 2.0
+
 
 class RemoteEngine:
     """Talks to `base_url` (".../v1" or the server's root) with the chat-completions API, streaming.
@@ -114,8 +119,11 @@ class RemoteEngine:
         """Reasoning and content pieces as the server sends them, then `done` with the Result."""
         body = build_body(messages, thinking=thinking, sampling=sampling or SamplingParams(), max_tokens=max_tokens,
                           model=self.model)
+        return self._events(body, thinking, tag, None)
+
+    def _events(self, body: dict[str, Any], thinking: bool, tag: Any, inflight: _InFlight | None) -> Iterator[Event]:
         started = time.perf_counter()
-        with self._open_stream(body) as response:
+        with _StreamContext(self, body, inflight) as response:
             yield from events_from_lines(self._lines(response), thinking=thinking, tag=tag, started=started,
                                          where=self.base_url)
 
@@ -135,39 +143,54 @@ class RemoteEngine:
     def stream_many(self, requests: Iterable[ChatRequest], *, parallel: int = 4) -> Iterator[Event]:
         """Up to `parallel` requests in flight at once (the server batches them); events interleave.
 
-        The first error stops the rest and is raised here.
+        The first error is raised here. It, or the consumer stopping (its own error, Ctrl-C, closing this
+        iterator), cancels the requests in flight at once: their connections are shut down, so no one waits
+        for a server that has stopped sending, and the server sees the client go.
         """
-        items: queue.Queue[tuple[str, Any]] = queue.Queue()
-        stop = threading.Event()
         pending = list(requests)
+        work: queue.Queue[ChatRequest] = queue.Queue()
+        for request in pending:
+            work.put(request)
+        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        inflight = _InFlight()
 
-        def work(request: ChatRequest) -> None:
-            try:
-                for event in self.stream(request):
-                    if stop.is_set():
-                        return
-                    items.put(("event", event))
-            except BaseException as exc:  # handed to the consumer, which raises it
-                items.put(("error", exc))
-            finally:
-                items.put(("finished", None))
+        def worker() -> None:
+            while not inflight.cancelled.is_set():
+                try:
+                    request = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    body = build_body(request.messages, thinking=request.thinking, sampling=request.sampling,
+                                      max_tokens=request.max_tokens, model=self.model)
+                    for event in self._events(body, request.thinking, request.tag, inflight):
+                        if inflight.cancelled.is_set():
+                            return  # no one reads these any more
+                        items.put(("event", event))
+                except BaseException as exc:  # handed to the consumer, which raises it (unless it has gone)
+                    items.put(("error", exc))
+                finally:
+                    items.put(("finished", None))
 
-        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="remote") as pool:
-            for request in pending:
-                pool.submit(work, request)
-            try:
-                left = len(pending)
-                while left:
-                    kind, value = items.get()
-                    if kind == "finished":
-                        left -= 1
-                    elif kind == "error":
-                        raise value
-                    else:
-                        yield value
-            finally:
-                stop.set()
-                pool.shutdown(wait=True, cancel_futures=True)
+        threads = [threading.Thread(target=worker, name=f"remote-{i}", daemon=True)
+                   for i in range(min(max(1, parallel), len(pending)))]
+        for thread in threads:
+            thread.start()
+        try:
+            left = len(pending)
+            while left:
+                kind, value = items.get()
+                if kind == "finished":
+                    left -= 1
+                elif kind == "error":
+                    raise value
+                else:
+                    yield value
+        finally:
+            inflight.cancel()
+            deadline = time.monotonic() + CANCEL_GRACE
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def list_models(self) -> list[str]:
         """The model ids the server offers (GET /models)."""
@@ -179,13 +202,12 @@ class RemoteEngine:
 
     # -- HTTP ------------------------------------------------------------------------------------------
 
-    def _open_stream(self, body: dict[str, Any]):
-        return _StreamContext(self, body)
-
-    def _send(self, method: str, path: str, body: dict[str, Any] | None = None, *, stream: bool = False
-              ) -> httpx.Response:
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None, *, stream: bool = False,
+              inflight: _InFlight | None = None) -> httpx.Response:
         """The response, once its status is 2xx; retries 429 and 5xx with back-off, raises typed errors."""
         for attempt in range(1, self.max_attempts + 1):
+            if inflight is not None and inflight.cancelled.is_set():
+                raise RemoteCancelled("cancelled")
             request = self._client.build_request(method, path, json=body)
             try:
                 response = self._client.send(request, stream=stream)
@@ -201,7 +223,11 @@ class RemoteEngine:
                 response.read()
             response.close()
             if response.status_code in RETRY_STATUS and attempt < self.max_attempts:
-                time.sleep(self._delay(attempt, response.headers.get("retry-after")))
+                delay = self._delay(attempt, response.headers.get("retry-after"))
+                if inflight is not None:
+                    inflight.cancelled.wait(delay)  # a cancel ends the back-off at once
+                else:
+                    time.sleep(delay)
                 continue
             raise self._status_error(response, attempt)
         raise AssertionError("unreachable")
@@ -238,17 +264,71 @@ class RemoteEngine:
                                     f"({_reason(exc)})") from None
 
 
+class RemoteCancelled(RemoteError):
+    """A request of `stream_many` that was cancelled because another failed or the consumer stopped."""
+
+
+class _InFlight:
+    """The open responses of one `stream_many`, so that the consumer can cut them all at once from its thread.
+
+    Cutting shuts the connection's socket down: a worker blocked reading it wakes with end-of-stream (closing
+    an httpx response from another thread is not safe, and a plain close() would not wake the reader). Each
+    worker still closes its own response.
+    """
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[httpx.Response] = set()
+
+    def add(self, response: httpx.Response) -> None:
+        with self._lock:
+            if not self.cancelled.is_set():
+                self._open.add(response)
+                return
+        _cut(response)  # opened just as everything was cancelled
+        raise RemoteCancelled("cancelled")
+
+    def discard(self, response: httpx.Response) -> None:
+        with self._lock:
+            self._open.discard(response)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled.set()
+            responses = list(self._open)
+        for response in responses:
+            _cut(response)
+
+
+def _cut(response: httpx.Response) -> None:
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 class _StreamContext:
-    def __init__(self, engine: RemoteEngine, body: dict[str, Any]):
-        self._engine, self._body = engine, body
+    def __init__(self, engine: RemoteEngine, body: dict[str, Any], inflight: _InFlight | None = None):
+        self._engine, self._body, self._inflight = engine, body, inflight
         self._response: httpx.Response | None = None
 
     def __enter__(self) -> httpx.Response:
-        self._response = self._engine._send("POST", "/chat/completions", self._body, stream=True)
-        return self._response
+        response = self._engine._send("POST", "/chat/completions", self._body, stream=True, inflight=self._inflight)
+        if self._inflight is not None:
+            try:
+                self._inflight.add(response)
+            except BaseException:
+                response.close()
+                raise
+        self._response = response
+        return response
 
     def __exit__(self, *exc: object) -> None:
         if self._response is not None:
+            if self._inflight is not None:
+                self._inflight.discard(self._response)
             self._response.close()
 
 

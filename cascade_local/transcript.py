@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 
 FORMAT = "cascade-local/conversation"
 VERSION = 1
-ROLES = ("user", "assistant")
-MESSAGE_KEYS = ("role", "content", "reasoning_content")
+# Every message the chat's history can hold: a system turn, the user's, the model's (with its reasoning and
+# tool calls) and a tool's answer. `name` and `tool_call_id` are what OpenAI-style tool messages may carry.
+ROLES = ("system", "user", "assistant", "tool")
+TEXT_KEYS = ("reasoning_content", "name", "tool_call_id")
+MESSAGE_KEYS = ("role", "content", *TEXT_KEYS, "tool_calls")
 
 
 class TranscriptError(CascadeError):
@@ -36,7 +39,7 @@ class TranscriptError(CascadeError):
 class Transcript:
     """What a conversation file holds. `settings` keeps only the keys it knows (see `settings_from_dict`)."""
 
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     system: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -122,14 +125,31 @@ def from_dict(data: Any, where: str = "conversation") -> Transcript:
     raw_messages = data.get("messages")
     if not isinstance(raw_messages, list):
         raise TranscriptError(f"{where} has no 'messages' list")
-    messages = []
-    for i, m in enumerate(raw_messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise TranscriptError(f"{where}: message {i + 1} needs a role ({' or '.join(ROLES)}) and a string content")
-        if not isinstance(m.get("reasoning_content", ""), str):
-            raise TranscriptError(f"{where}: message {i + 1}: reasoning_content must be a string")
-        messages.append({k: m[k] for k in MESSAGE_KEYS if k in m})
+    messages = [_check_message(m, f"{where}: message {i + 1}") for i, m in enumerate(raw_messages)]
     return Transcript(messages, system or None, _check_settings(data.get("settings"), where))
+
+
+def _check_message(m: Any, where: str) -> dict[str, Any]:
+    if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        raise TranscriptError(f"{where} needs a role ({', '.join(ROLES)}) and a string content")
+    for key in TEXT_KEYS:
+        if not isinstance(m.get(key, ""), str):
+            raise TranscriptError(f"{where}: {key} must be a string")
+    if "tool_calls" in m:
+        if m["role"] != "assistant":
+            raise TranscriptError(f"{where}: only an assistant message has tool_calls")
+        calls = m["tool_calls"]
+        if not isinstance(calls, list) or not all(_is_tool_call(c) for c in calls):
+            raise TranscriptError(f"{where}: tool_calls must be a list of "
+                                  '{"type": "function", "function": {"name": NAME, "arguments": {...}}}')
+    return {k: m[k] for k in MESSAGE_KEYS if k in m}
+
+
+def _is_tool_call(call: Any) -> bool:
+    """The shape the chat template renders: a function's name and its arguments as an object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    return (isinstance(function, dict) and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments", {}), dict) and isinstance(call.get("type", "function"), str))
 
 
 def write_json(path: Path, data: Any, *, force: bool = False) -> Path:

@@ -4,7 +4,8 @@ gguf-py's `GGUFWriter` lays out the header, metadata and tensor table (its publi
 but takes each tensor's data as one whole array: a stacked expert tensor of the real model is
 1.3 GB in BF16. This class appends the data section itself, a piece at a time, at the offsets the
 table promised (each tensor aligned to `general.alignment`), and refuses anything out of order.
-The file is written under a temporary name and renamed only once complete.
+The file is written under a unique temporary name beside it (two writers never share one) and
+renamed only once complete.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
 
 from cascade_local.errors import ConversionError
+from cascade_local.output_lock import temp_file
 
 
 def tensor_nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType) -> int:
@@ -52,11 +55,11 @@ class GGUFStreamWriter:
 
     def __init__(self, path: Path, arch: str):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.partial")
+        self.tmp_path: Path | None = None  # made unique in begin()
         self.meta = gguf.GGUFWriter(None, arch)  # metadata builder: add_* helpers, key names per arch
         self.slots: list[TensorSlot] = []
         self._state = _State.DECLARING
-        self._fh: object | None = None
+        self._fh: BinaryIO | None = None
         self._current = 0
         self._written_in_current = 0
         self.bytes_written = 0
@@ -76,6 +79,7 @@ class GGUFStreamWriter:
         """Writes header, metadata and tensor table to the temporary file."""
         self._expect(_State.DECLARING, "begin")
         self._state = _State.FAILED  # until proven otherwise
+        self.tmp_path = temp_file(self.path)
         self.meta.write_header_to_file(self.tmp_path)
         self.meta.write_kv_data_to_file()
         self.meta.write_ti_data_to_file()
@@ -88,13 +92,13 @@ class GGUFStreamWriter:
     def write(self, data: np.ndarray | bytes | memoryview) -> None:
         """Append the next bytes of the current tensor; pieces must not cross into the next tensor."""
         self._expect(_State.WRITING, "write")
-        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data
+        buf = np.ascontiguousarray(data).data.cast("B") if isinstance(data, np.ndarray) else memoryview(data)
         if self._current >= len(self.slots):
             raise ConversionError("internal error: more tensor data than declared")
         slot = self.slots[self._current]
         if self._written_in_current + len(buf) > slot.nbytes:
             raise ConversionError(f"internal error: {slot.name} received more than its {slot.nbytes} bytes")
-        self._fh.write(buf)  # type: ignore[union-attr]
+        self._file().write(buf)
         self._written_in_current += len(buf)
         self.bytes_written += len(buf)
         if self._written_in_current == slot.nbytes:
@@ -108,10 +112,11 @@ class GGUFStreamWriter:
         self._expect(_State.WRITING, "finish")
         if self._current != len(self.slots):
             raise ConversionError(f"internal error: tensor {self.slots[self._current].name} was never written")
-        fh = self._fh
-        fh.flush()  # type: ignore[union-attr]
-        os.fsync(fh.fileno())  # type: ignore[union-attr]
-        fh.close()  # type: ignore[union-attr]
+        fh = self._file()
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        assert self.tmp_path is not None
         os.replace(self.tmp_path, self.path)
         self._state = _State.DONE
 
@@ -119,9 +124,9 @@ class GGUFStreamWriter:
         """Remove the partial file; safe to call in any state."""
         if self._fh is not None:
             with contextlib.suppress(OSError):
-                self._fh.close()  # type: ignore[union-attr]
+                self._fh.close()
         self.meta.close()
-        if self._state is not _State.DONE:
+        if self._state is not _State.DONE and self.tmp_path is not None:
             self.tmp_path.unlink(missing_ok=True)
         self._state = _State.FAILED
 
@@ -130,10 +135,15 @@ class GGUFStreamWriter:
             self._current += 1
 
     def _pad(self) -> None:
-        pos = self._fh.tell()  # type: ignore[union-attr]
-        pad = -pos % self.alignment
+        fh = self._file()
+        pad = -fh.tell() % self.alignment
         if pad:
-            self._fh.write(b"\0" * pad)  # type: ignore[union-attr]
+            fh.write(b"\0" * pad)
+
+    def _file(self) -> BinaryIO:
+        if self._fh is None:
+            raise ConversionError("internal error: the GGUF writer has no open file")
+        return self._fh
 
     def _expect(self, state: _State, action: str) -> None:
         if self._state is not state:

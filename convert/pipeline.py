@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 
 from cascade_local.errors import ConversionError, UsageError
+from cascade_local.output_lock import output_lock
 
 from .checkpoint import Checkpoint
 from .encode import encode_rows
@@ -100,11 +101,19 @@ def convert(
 ) -> ConversionResult:
     """Convert checkpoint folder `src` to GGUF file `out` with tensor types chosen by `recipe`.
 
-    `imatrix` (see `load_imatrix`) guides the quantizer for the types that use one.
+    `imatrix` (see `load_imatrix`) guides the quantizer for the types that use one. A second conversion to
+    the same `out` waits for the first (saying so on stderr), then refuses or replaces its file as `force` says.
     """
     src, out = Path(src), Path(out)
-    progress = progress or _NoProgress()
-    check_output(out, force)
+    check_output(out, force)  # refuse at once what no waiting can fix
+    with output_lock(out, f"conversion of {out}"):
+        check_output(out, force)  # the job we waited for may have made it
+        return _convert(src, out, recipe, imatrix=imatrix, name=name, threads=threads,
+                        progress=progress or _NoProgress())
+
+
+def _convert(src: Path, out: Path, recipe: Recipe, *, imatrix: Imatrix | None, name: str | None,
+             threads: int | None, progress: ConversionProgress) -> ConversionResult:
     started = time.perf_counter()
     ckpt = Checkpoint(src)
     try:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from cascade_local import transcript
+from cascade_local.chat_template import ChatTemplate
 from cascade_local.cli.chat_ui import (
     COMMANDS,
     ChatSession,
@@ -21,6 +22,7 @@ from cascade_local.cli.chat_ui import (
     MarkdownBlocks,
     MarkdownStream,
     SlashError,
+    _exchange,
     block_is_open,
     help_text,
     interpret,
@@ -33,7 +35,9 @@ from cascade_local.cli.chat_ui import (
 )
 from cascade_local.conversation import Conversation, TurnSettings
 from cascade_local.engine import Event, Result
+from cascade_local.llama_model import default_template
 from cascade_local.sampling import SamplingParams
+from cascade_local.tools.loop import CallRecord
 from cascade_local.transcript import TranscriptError
 
 # -- slash commands -------------------------------------------------------------------------------------------------
@@ -253,6 +257,37 @@ def test_transcript_round_trip(tmp_path):
     transcript.load(other, other_settings, path)
     assert other.messages == HISTORY and other.system == "Be brief."
     assert other_settings == settings
+
+
+def test_transcript_round_trip_of_a_tool_turn(tmp_path):
+    # The messages a tool round adds, as the chat itself builds them, between a system message and a final answer.
+    call = CallRecord("stateful_python_code_exec", {"code": "print(6 * 7)"}, "42\n")
+    exchange = _exchange(call, {"content": "Let me compute.", "reasoning": "Use Python."})
+    history = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "6 times 7?"}, *exchange,
+               {"role": "assistant", "content": "42.", "reasoning_content": "It printed 42."}]
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "tool", "assistant"]
+    assert history[2]["tool_calls"]
+    path = transcript.save(_conversation(history, "Be brief."), TurnSettings(), tmp_path / "chat.json")
+
+    other = _conversation()
+    transcript.load(other, TurnSettings(), path)
+    assert other.messages == history and other.system == "Be brief."
+    prompt = ChatTemplate(default_template()).render(other.messages)  # what the next turn's prompt holds
+    assert "<tool_call>\n<function=stateful_python_code_exec>\n<parameter=code>\nprint(6 * 7)\n" in prompt
+    assert "<tool_response>\n42\n\n</tool_response>" in prompt
+
+
+@pytest.mark.parametrize(("message", "error"), [
+    ({"role": "user", "content": "x", "tool_calls": []}, "only an assistant message has tool_calls"),
+    ({"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}, "tool_calls must be"),
+    ({"role": "assistant", "content": "", "tool_calls": {"name": "f"}}, "tool_calls must be"),
+    ({"role": "tool", "content": "out", "tool_call_id": 3}, "tool_call_id must be a string"),
+])
+def test_a_bad_tool_message_is_refused(tmp_path, message, error):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, message]}))
+    with pytest.raises(TranscriptError, match=f"message 2: {error}"):
+        transcript.load(_conversation(), TurnSettings(), path)
 
 
 def test_save_refuses_to_overwrite_unless_forced(tmp_path):

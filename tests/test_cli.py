@@ -94,7 +94,9 @@ def test_chat_applies_placement_options(tiny_gguf):
 
 def test_chat_refuses_a_context_that_cannot_fit(tiny_gguf):
     result = run_cli("chat", str(tiny_gguf("q8_0")), "--ctx", "100000000", input="")
-    assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+    # The planner's refusal (a PlanError, exit 2), naming the largest context that fits, before any load.
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--ctx 100000000 with --parallel 1 does not fit" in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
 
 

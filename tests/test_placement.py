@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,24 +158,50 @@ def test_expert_regex_names_whole_layers_only():
 # -- the model's memory, as llama.cpp sizes it -----------------------------------------------------------------------
 
 
-def test_full_model_shape():
+@pytest.fixture(scope="module")
+def heads_gguf(tmp_path_factory) -> Path:
+    """Nemotron-Cascade-2's attention and Mamba widths, its 131,072-token vocabulary, and little else (3 layers,
+    n_embd 64, 8 small experts): what sizes the KV cache, the Mamba state and the logits, as llama.cpp sees it."""
+    from cascade_local.convert import convert, uniform_recipe
+
+    from cascade_local.testing.checkpoint_fixture import TINY_SCALES, real_config, write_checkpoint
+
+    cfg = {**real_config(), "hidden_size": 64, "hybrid_override_pattern": "M*E", "num_hidden_layers": 3,
+           "n_routed_experts": 8, "moe_intermediate_size": 64, "moe_shared_expert_intermediate_size": 96}
+    folder = tmp_path_factory.mktemp("heads")
+    out = folder / "heads.gguf"
+    convert(write_checkpoint(folder / "ckpt", cfg, seed=3, scales=TINY_SCALES, shard_bytes=256 << 20), out,
+            uniform_recipe("q8_0"))
+    return out
+
+
+def test_full_model_shape(heads_gguf):
     assert SHAPE.attention_layers == [i for i, c in enumerate(FULL_PATTERN) if c == "*"]
     assert len(SHAPE.recurrent_layers) == 23 and len(SHAPE.attention_layers) == 6
-    # K and V, f16, 2 KV heads of 128 in 6 layers: 6 KiB per token; one sequence's Mamba state: 47.6 MiB.
-    assert SHAPE.kv_bytes_per_cell == 6 * 2 * 2 * 128 * 2
-    assert SHAPE.state_bytes_per_seq == 23 * 4 * (3 * (4096 + 2 * 8 * 128) + 128 * 4096)
+    # One attention and one Mamba layer at the real widths, as llama.cpp sizes them: many cells and sequences,
+    # so that its MiB rounded to 0.01 pin the bytes per cell (exactly) and per sequence (to ~80 bytes).
+    n_cells, n_seq = 65536, 64
+    kv_per_layer = _llama_context_log(heads_gguf, n_cells, 1)["kv"] * MiB / n_cells
+    state_per_layer = _llama_context_log(heads_gguf, 256 * n_seq, n_seq)["rs"] * MiB / n_seq
+    assert SHAPE.kv_bytes_per_cell == 6 * round(kv_per_layer)  # 6 KiB per token
+    assert SHAPE.state_bytes_per_seq == pytest.approx(23 * state_per_layer, rel=1e-4)  # 47.6 MiB per sequence
 
 
-def test_context_padding_follows_llama_cpp():
-    m = context_memory(SHAPE, 1000, 3)  # n_ctx 3000 -> 3072; n_ctx_seq 1024
-    assert (m.n_ctx, m.n_ctx_seq, m.n_seq_max) == (3072, 1024, 3)
-    assert m.kv == 3072 * SHAPE.kv_bytes_per_cell and m.state == 3 * SHAPE.state_bytes_per_seq
-    m = context_memory(SHAPE, 32768, 4)
-    assert (m.n_ctx, m.n_ctx_seq) == (131072, 32768) and m.kv == 768 * MiB
+@pytest.mark.parametrize(("ctx", "parallel"), [(1000, 3), (100, 3), (4097, 1), (32768, 4)])
+def test_context_padding_follows_llama_cpp(heads_gguf, ctx, parallel):
+    shape = ModelShape.from_gguf(read_gguf(heads_gguf))
+    m = context_memory(shape, ctx, parallel)
+    log = _llama_context_log(heads_gguf, ctx * parallel, parallel)  # what llama.cpp makes of the plain product
+    assert (m.n_ctx, m.n_ctx_seq, m.n_seq_max) == (log["n_ctx"], log["n_ctx_seq"], parallel)
+    assert m.kv / MiB == pytest.approx(log["kv"], abs=0.01) and m.state / MiB == pytest.approx(log["rs"], abs=0.01)
+    # The full model has 6 such attention layers: 32768 tokens in each of 4 sequences take 768 MiB.
+    full = context_memory(SHAPE, ctx, parallel)
+    assert full.kv == pytest.approx(6 * log["kv"] * MiB, abs=6 * 0.005 * MiB)
 
 
-def _llama_context_log(path: Path, n_ctx: int, n_seq: int, n_ubatch: int = 512) -> dict[str, float]:
-    """MiB sizes from llama.cpp's own log lines at context creation."""
+def _llama_context_log(path: Path, n_ctx: int, n_seq: int, n_ubatch: int = 512,
+                       n_outputs_max: int | None = None) -> dict[str, float]:
+    """MiB sizes, and the context sizes, from llama.cpp's own log lines at context creation."""
     import llama_cpp.llama_cpp as lib
 
     from cascade_local.llama_log import RECENT, quiet_llama
@@ -186,28 +213,39 @@ def _llama_context_log(path: Path, n_ctx: int, n_seq: int, n_ubatch: int = 512) 
     assert model
     cp = lib.llama_context_default_params()
     cp.n_ctx, cp.n_seq_max, cp.n_ubatch = n_ctx, n_seq, n_ubatch
+    if n_outputs_max is not None:
+        cp.n_outputs_max = n_outputs_max
     ctx = lib.llama_init_from_model(model, cp)
     assert ctx
     lines = list(RECENT)
     lib.llama_free(ctx)
     lib.llama_model_free(model)
 
-    def mib(pattern: str) -> float:
+    def value(pattern: str, pick: Callable[[list[float]], float] = lambda hits: hits[-1]) -> float:
         hits = [float(m.group(1)) for line in lines if (m := re.search(pattern, line))]
         assert hits, (pattern, lines[-20:])
-        return hits[-1]
+        return pick(hits)
 
-    return {"kv": mib(r"llama_kv_cache: size = +([\d.]+) MiB"),
-            "rs": mib(r"llama_memory_recurrent: size = +([\d.]+) MiB"),
-            "compute": mib(r"CPU compute buffer size = +([\d.]+) MiB"),
-            "output": mib(r"output buffer size = +([\d.]+) MiB")}
+    return {"kv": value(r"llama_kv_cache: size = +([\d.]+) MiB"),
+            "rs": value(r"llama_memory_recurrent: size = +([\d.]+) MiB"),
+            "compute": value(r"CPU compute buffer size = +([\d.]+) MiB"),
+            "output": value(r"output buffer size = +([\d.]+) MiB"),
+            "n_ctx": value(r"llama_context: n_ctx += (\d+)"),
+            "n_ctx_seq": value(r"llama_context: n_ctx_seq += (\d+)"),
+            # The most logits rows of any graph it reserves memory for.
+            "n_outputs": value(r"graph_reserve: reserving a graph .*n_outputs = +(\d+)", max)}
 
 
-def test_n_outputs_max_shrinks_the_reserved_logits():
-    full, few = context_memory(SHAPE, 8192, 4), context_memory(SHAPE, 8192, 4, n_outputs_max=4)
-    assert full.n_outputs == 512 and few.n_outputs == 4
-    # llama.cpp's log on the slice (n_ctx 32768, 4 sequences): 279.8 MiB by default, 85.0 with n_outputs_max 4.
-    assert full.compute / MiB == pytest.approx(282.25) and few.compute / MiB == pytest.approx(93.5)
+def test_n_outputs_max_shrinks_the_reserved_logits(heads_gguf):
+    shape = ModelShape.from_gguf(read_gguf(heads_gguf))
+    full, few = context_memory(shape, 8192, 4), context_memory(shape, 8192, 4, n_outputs_max=4)
+    log_full = _llama_context_log(heads_gguf, full.n_ctx, 4)
+    log_few = _llama_context_log(heads_gguf, few.n_ctx, 4, n_outputs_max=4)
+    # The rows llama.cpp reserves logits for: a whole micro-batch by default, one per sequence when asked.
+    assert (full.n_outputs, few.n_outputs) == (log_full["n_outputs"], log_few["n_outputs"]) == (512, 4)
+    # By default 512 rows of 131,072 logits (256 MiB) are the compute buffer's peak, in llama.cpp's log too.
+    assert full.compute == full.logits_peak and abs(full.compute / MiB - log_full["compute"]) < 1.0
+    assert log_full["compute"] - log_few["compute"] > 180  # asking for 4 rows frees most of it
 
 
 @pytest.mark.parametrize(("ctx", "parallel"), [(4096, 1), (1024, 4), (8192, 4)])
@@ -318,6 +356,26 @@ def test_budget_too_small_for_the_dense_part_says_how_much_is_needed():
     assert gpu_plan(smallest_budget(need), ctx=256, parallel=1).expert_layers(GPU) == []  # that budget works
     with pytest.raises(PlanError, match="too small for the dense part"):
         gpu_plan(smallest_budget(need) - 1, ctx=256, parallel=1)
+
+
+@pytest.mark.parametrize("model", ["experts pinned to the GPU", "dense model"])
+def test_budget_too_small_with_no_expert_left_to_place(model):
+    # Nothing is flexible and nothing is on the CPU: the op_offload copy has no candidate and is 0.
+    if model == "dense model":
+        gguf = synthetic_model("MM*MM")
+        args = {}
+    else:
+        gguf, args = FULL, {"overrides": parse_override("exps=CUDA0")}
+    with pytest.raises(PlanError, match="too small for the dense part") as err:
+        plan_placement(gguf, gpu_bytes=1 * MiB, ctx=256, gpu_available=True, **args)
+    m = context_memory(ModelShape.from_gguf(gguf), 256, 1)
+    pinned = sum(t.nbytes for t in gguf.tensors if re.search(EXPERT_REGEX, t.name))
+    need = dense_gpu_bytes(gguf) + pinned + m.kv + m.state + m.compute
+    needed, unit = re.search(r"needs a budget of at least ([\d.]+) (GiB|MiB)", str(err.value)).groups()
+    assert float(needed) == pytest.approx(smallest_budget(need) / (GiB if unit == "GiB" else MiB), abs=0.005)
+    plan = plan_placement(gguf, gpu_bytes=smallest_budget(need), ctx=256, gpu_available=True, **args)
+    assert plan.expert_copy == 0 and plan.weights(CPU) == sum(t.nbytes for t in gguf.tensors
+                                                             if t.name == "token_embd.weight")
 
 
 def test_context_too_large_for_the_gpu_names_the_largest_that_fits():
@@ -444,6 +502,8 @@ def test_plan_table_with_an_assumed_gpu_shows_the_overrides(tiny_gguf):
     (["--ctx", "0"], 1, "--ctx must be at least 1"),
     (["--assume-gpu", "8GiB", "--gpu-mem", "200MiB"], 2, "too small for the dense part"),
     (["--ctx", "1000000000", "--parallel", "4"], 2, "largest --ctx that fits"),
+    # Every expert pinned to the GPU and no room for the dense part: once a max() of an empty list (issue 16).
+    (["--assume-gpu", "1MiB", "--gpu-mem", "1MiB", "-ot", "exps=CUDA0"], 2, "too small for the dense part"),
 ])
 def test_plan_errors(tiny_gguf, args, code, message):
     result = run_cli("plan", str(tiny_gguf("q8_0")), *args)

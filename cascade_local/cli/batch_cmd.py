@@ -56,8 +56,9 @@ def batch(
 
     Example: cascade-local batch questions.jsonl -o answers.jsonl --parallel 4 --max-tokens 1024
     """
-    from cascade_local.batch import ItemSettings, open_batch, run_batch
+    from cascade_local.batch import ItemSettings, RemoteBackend, open_batch, run_batch
     from cascade_local.cli.run_cmd import write_stdout
+    from cascade_local.engine import Engine
     from cascade_local.errors import UsageError
     from cascade_local.runtime import PlacementOptions, open_engine
 
@@ -65,20 +66,19 @@ def batch(
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
     settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
     with open_batch(input, output, resume=resume is not False, force=force) as job, contextlib.ExitStack() as owned:
-        engine = None
+        engine: Engine | RemoteBackend | None = None
         if job.todo and endpoint:
-            from cascade_local.batch import RemoteBackend
             from cascade_local.endpoints import resolve_endpoint
 
-            remote = resolve_endpoint(endpoint).engine()
+            remote = owned.enter_context(resolve_endpoint(endpoint).engine())  # closed with its connections
             if model:
                 remote.model = model
             engine = RemoteBackend(remote, parallel)
         elif job.todo:  # everything answered already: no need to load a model
             with err_console.status("loading"):
-                engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
+                local, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
                     gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
-            owned.enter_context(engine)  # freed (context, then model) before the output is closed
+            engine = owned.enter_context(local)  # freed (context, then model) before the output is closed
         with _Progress() as progress:
             summary = run_batch(job, engine, settings, observer=progress)
     err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)

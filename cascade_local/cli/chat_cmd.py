@@ -72,10 +72,13 @@ def chat(
     from cascade_local.conversation import Conversation, TurnSettings
     from cascade_local.paths import home
     from cascade_local.registry import load_registry
+    from cascade_local.remote_conversation import RemoteConversation
     from cascade_local.runtime import PlacementOptions, open_engine
     from cascade_local.sampling import SamplingParams
 
     plan = None
+    remote = None
+    conversation: Conversation | RemoteConversation
     if tools is not None:
         from cascade_local.errors import UsageError
         from cascade_local.tools import make_tools
@@ -89,7 +92,7 @@ def chat(
             from cascade_local.remote_conversation import RemoteConversation
 
             target = resolve_endpoint(endpoint)
-            remote = target.engine()
+            remote = owned.enter_context(target.engine())  # its HTTP connections
             if model:
                 remote.model = model
             conversation = RemoteConversation(remote, system, target.url)

@@ -27,7 +27,7 @@ def plan(
                                  "--cpu-moe)."),
     n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the expert weights of the first N layers "
                                          "on the CPU (llama.cpp's --n-cpu-moe)."),
-    override_tensor: list[str] = typer.Option([], "--override-tensor", help="REGEX=DEVICE, as llama.cpp's -ot: "
+    override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE, as llama.cpp's -ot: "
                                               "tensors matching REGEX go to CPU or the GPU (CUDA0...). These win "
                                               "over everything else. Repeatable."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
