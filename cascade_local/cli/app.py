@@ -49,6 +49,13 @@ def _register() -> None:
     app.command("pull")(models_cmd.pull)
     app.command("list")(models_cmd.list_)
     app.command("rm")(models_cmd.rm)
+    _register_serve()
+
+
+def _register_serve() -> None:
+    from cascade_local.cli import serve_cmd
+
+    app.command("serve")(serve_cmd.serve)
 
 
 def _stdout_gone() -> bool:
