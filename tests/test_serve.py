@@ -352,3 +352,20 @@ def test_a_taken_port_is_one_line(server, tiny_gguf):
     done = run_cli("serve", str(tiny_gguf("q8_0")), "--port", port, "--threads", "2")
     assert done.returncode == 1 and f"port {port} on 127.0.0.1 is taken" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cascade_local_run_and_batch_against_serve_answer_as_locally(server, tiny_gguf, tmp_path):
+    from conftest import run_cli
+
+    args = ["Hello", "--no-think", "--max-tokens", "8", "--temperature", "0", "--json"]
+    local = run_cli("run", str(tiny_gguf("q8_0")), *args, "--threads", "2")
+    remote = run_cli("run", "--endpoint", f"{server.url}/v1", *args)
+    assert local.returncode == remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout)["content"] == json.loads(local.stdout)["content"] != ""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first\nsecond\nthird\n")
+    done = run_cli("batch", str(prompts), "-o", str(tmp_path / "out.jsonl"), "--endpoint", f"{server.url}/v1",
+                   "--parallel", "3", "--max-tokens", "4", "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == [1, 2, 3] and all(r["error"] is None for r in records)
