@@ -369,3 +369,35 @@ def test_cascade_local_run_and_batch_against_serve_answer_as_locally(server, tin
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in records) == [1, 2, 3] and all(r["error"] is None for r in records)
+
+
+@pytest.mark.slow
+def test_load_32_streaming_clients_on_4_slots_and_steady_memory(tiny_gguf):
+    import psutil
+
+    served = start_server(tiny_gguf("q8_0"), "--parallel", "4", "--ctx", "256")
+    try:
+        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0, timeout=120)
+        prompts = [f"Client {i} asks about item {i * 7}." for i in range(32)]
+
+        def streamed(prompt: str) -> str:
+            text = ""
+            for chunk in client.chat.completions.create(model="tiny-q8_0", messages=[{"role": "user",
+                                                        "content": prompt}], max_tokens=8, temperature=0,
+                                                        stream=True):
+                for choice in chunk.choices:
+                    text += (choice.delta.model_extra or {}).get("reasoning_content") or choice.delta.content or ""
+            return text
+
+        alone = [streamed(p) for p in prompts]
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(streamed, prompts))
+        assert together == alone and len(set(alone)) > 1
+        rss = psutil.Process(served.proc.pid).memory_info().rss
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(streamed, prompts * 5))  # 160 more: 224 requests in all
+        grown = psutil.Process(served.proc.pid).memory_info().rss - rss
+        assert grown < 16 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 160 requests"
+        assert served.metric("requests_total") == 224
+    finally:
+        assert stop_server(served) == 0
