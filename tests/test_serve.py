@@ -311,6 +311,26 @@ def test_a_client_that_leaves_frees_its_slot(tiny_gguf):
         assert stop_server(served) == 0
 
 
+def test_a_non_streamed_client_that_leaves_is_cancelled_too(tiny_gguf):
+    import socket
+
+    served = start_server(tiny_gguf("q8_0"), "--parallel", "1", "--ctx", "32768")
+    try:
+        body = json.dumps({**GOOD, "max_tokens": 32000, "temperature": 0}).encode()
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:  # send the request, then hang up
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while served.metric("requests_cancelled_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert served.metric("requests_cancelled_total") == 1
+        assert served.metric("completion_tokens_total") < 32000
+    finally:
+        assert stop_server(served) == 0
+
+
 def test_a_full_queue_answers_429_with_retry_after(tiny_gguf):
     served = start_server(tiny_gguf("q8_0"), "--parallel", "1", "--ctx", "2048", "--queue", "0")
     try:

@@ -3,6 +3,7 @@ are random), while the real engine evaluates every token and the real server ans
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -37,9 +38,10 @@ class ScriptedServer:
     model: LoadedModel
 
 
-@pytest.fixture(scope="module")
-def scripted(tiny_gguf) -> Iterator[ScriptedServer]:
-    model = LoadedModel(tiny_gguf("q8_0"))
+@contextlib.contextmanager
+def scripted_server(gguf, options: ServeOptions) -> Iterator[ScriptedServer]:
+    """A real server in this process (a thread), its engine's choices scripted."""
+    model = LoadedModel(gguf)
     state = ScriptedServer("", [], [], model)
 
     def sampler(params):
@@ -55,18 +57,26 @@ def scripted(tiny_gguf) -> Iterator[ScriptedServer]:
 
     engine._admit = admit  # type: ignore[method-assign]
     sock = bind("127.0.0.1", 0)
-    server = make_server(engine, ServeOptions("scripted"))
+    server = make_server(engine, options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         thread.join(0.05)
     state.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield state
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
-    engine.close()
-    model.close()
+    try:
+        yield state
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        engine.close()
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_gguf) -> Iterator[ScriptedServer]:
+    with scripted_server(tiny_gguf("q8_0"), ServeOptions("scripted")) as state:
+        yield state
 
 
 def _oai(s: ScriptedServer):
@@ -161,3 +171,21 @@ def test_anthropic_streams_a_tool_use_block(scripted):
 def _detok(s: ScriptedServer, tokens: list[int]) -> str:
     """The prompt as text, through the model's own pieces."""
     return b"".join(s.model.piece(t) for t in tokens).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize(("fmt", "key", "content"), [
+    ("reasoning", "reasoning", "It is sunny."),
+    ("inline", None, "<think>\nHmm, Paris.\n</think>\n\nIt is sunny."),
+])
+def test_reasoning_format(tiny_gguf, fmt, key, content):
+    with scripted_server(tiny_gguf("q8_0"), ServeOptions("scripted", reasoning_format=fmt)) as s:
+        s.scripts += ["Hmm, Paris.</think>It is sunny."] * 2
+        done = _oai(s).chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Paris?"}])
+        streamed = ""
+        for chunk in _oai(s).chat.completions.create(model="scripted", stream=True,
+                                                     messages=[{"role": "user", "content": "Paris?"}]):
+            streamed += "".join(c.delta.content or "" for c in chunk.choices)
+    message = done.choices[0].message
+    assert message.content == content and streamed == content
+    assert (message.model_extra or {}).get(key) == ("Hmm, Paris." if key else None)
+    assert "reasoning_content" not in (message.model_extra or {})
