@@ -103,6 +103,8 @@ def test_health_and_models(server, oai):
     health = httpx.get(f"{server.url}/health", timeout=10).json()
     assert health["status"] == "ok" and health["parallel"] == 2
     assert [m.id for m in oai.models.list()] == ["tiny-q8_0"]
+    listed = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0).models.list()
+    assert [(m.id, m.display_name) for m in listed] == [("tiny-q8_0", "tiny-q8_0")]
     assert "listening on http://127.0.0.1:" in "".join(server.stderr)
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -258,9 +259,13 @@ async def messages(service: Service, request: Request) -> Response:
 
 
 async def models(service: Service, request: Request) -> Response:
+    # One shape for both SDKs: OpenAI reads object/created/owned_by, Anthropic type/display_name/created_at.
+    created = datetime.fromtimestamp(service.started, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    name = service.options.name
     return JSONResponse({"object": "list", "data": [
-        {"id": service.options.name, "object": "model", "created": int(service.started), "owned_by": "cascade-local",
-         "type": "model", "display_name": service.options.name}]})
+        {"id": name, "object": "model", "created": int(service.started), "owned_by": "cascade-local",
+         "type": "model", "display_name": name, "created_at": created}],
+        "has_more": False, "first_id": name, "last_id": name})
 
 
 async def health(service: Service, request: Request) -> Response:
