@@ -323,7 +323,10 @@ def test_a_non_streamed_client_that_leaves_is_cancelled_too(tiny_gguf):
         with socket.create_connection((host, int(port))) as sock:  # send the request, then hang up
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            time.sleep(0.5)
+            deadline = time.monotonic() + 20
+            while not served.metric("active_sequences") and time.monotonic() < deadline:
+                time.sleep(0.1)  # hang up only once it is decoding
+            assert served.metric("active_sequences") == 1
         deadline = time.monotonic() + 20
         while served.metric("requests_cancelled_total") < 1 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -163,7 +163,10 @@ class Reply:
                 self.stopped = stop
                 self._held = ""
                 return self._route(buf[:at].rstrip())
-        keep = max([_partial(buf, s) for s in self._stop] + [len(buf) - len(buf.rstrip())])
+        # Hold back what may start a stop string, and the whitespace before it (it may end the answer).
+        keep = max([_partial(buf, s) for s in self._stop], default=0)
+        rest = buf[: len(buf) - keep]
+        keep += len(rest) - len(rest.rstrip())
         self._held = buf[len(buf) - keep :]
         return self._route(buf[: len(buf) - keep])
 

@@ -119,7 +119,8 @@ class Scheduler:
                 return None
             ticket = self._queue.popleft()
         # The prefix store is only touched here and in _dispatch, both on this thread.
-        ticket.cache = self.prefixes.lookup(ticket.request.prompt_tokens)
+        if self.prefixes.budget_bytes > 0:  # with no budget, skip the snapshot copies too
+            ticket.cache = self.prefixes.lookup(ticket.request.prompt_tokens)
         self._running[ticket.id] = ticket
         return Request(ticket.request.prompt_tokens, ticket.request.sampling, ticket.request.max_tokens,
                        ticket.request.in_reasoning, ticket.request.thinking_budget, tag=ticket.id,

@@ -1,0 +1,63 @@
+"""The server's pure parts: the prefix store's lookups and eviction, and how a reply is assembled from events."""
+
+from __future__ import annotations
+
+from cascade_local.engine import Event, PromptCache
+from cascade_local.server.chat import OutCall, Reply, joined
+from cascade_local.server.prefix_cache import PrefixStore
+
+
+def test_lookup_finds_the_longest_strict_prefix_as_a_copy():
+    store = PrefixStore(1000)
+    store.put(PromptCache([1, 2], b"ab"))
+    store.put(PromptCache([1, 2, 3, 4], b"abcd"))
+    store.put(PromptCache([9], b"z"))
+    found = store.lookup([1, 2, 3, 4, 5])
+    assert (found.tokens, found.state) == ([1, 2, 3, 4], b"abcd")
+    assert store.lookup([1, 2, 3, 4]).tokens == [1, 2]  # strictly longer: one token must be left to evaluate
+    assert store.lookup([7, 7]).tokens == []
+    found.tokens.append(99)  # the engine rewrites the cache it is given; the store keeps its own entry
+    assert store.lookup([1, 2, 3, 4, 5]).tokens == [1, 2, 3, 4]
+
+
+def test_eviction_is_least_recently_used_within_the_byte_budget():
+    store = PrefixStore(10)
+    store.put(PromptCache([1], b"aaaa"))
+    store.put(PromptCache([2], b"bbbb"))
+    store.lookup([1, 5])  # [1] is now the most recently used
+    store.put(PromptCache([3], b"cccc"))
+    assert store.nbytes == 8 and len(store) == 2
+    assert store.lookup([2, 5]).tokens == [] and store.lookup([1, 5]).tokens == [1]
+    store.put(PromptCache([4], b"x" * 11))  # larger than the whole budget: not kept
+    assert store.lookup([4, 5]).tokens == [] and store.nbytes == 8
+
+
+def _reply(reply: Reply, pieces: list[tuple[str, str]]) -> list:
+    outs = []
+    for kind, text in pieces:
+        outs += reply.feed(Event(None, kind, text))  # type: ignore[arg-type]
+    return outs + reply.finish()
+
+
+def test_a_stop_string_split_across_pieces_is_never_sent():
+    reply = Reply(stop=["END"])
+    outs = _reply(reply, [("content", "\n\nHello E"), ("content", "N"), ("content", "D and more")])
+    assert outs == [("content", "Hello")] and reply.stopped == "END"
+
+
+def test_whitespace_at_the_ends_is_trimmed_in_streams_as_in_whole_replies():
+    outs = _reply(Reply(), [("reasoning", "\n  think"), ("reasoning", "ing \n"), ("reasoning", "more\n"),
+                            ("content", "\n\n"), ("content", "Answer  "), ("content", "\n")])
+    assert outs == [("reasoning", "think"), ("reasoning", "ing"), ("reasoning", " \nmore"), ("content", "Answer")]
+    assert joined(outs)[:2] == ("Answer", "thinking \nmore")
+
+
+def test_a_call_split_across_pieces_becomes_one_call_and_bad_calls_stay_text():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"n": {"type": "number"}}}}}]
+    reply = Reply(tools=tools)
+    outs = _reply(reply, [("content", "ok <tool"), ("content", "_call>\n<function=f>\n<parameter=n>\n2.5\n"),
+                          ("content", "</parameter>\n</function>\n</tool_call>"),
+                          ("content", "<tool_call>nonsense</tool_call>")])
+    calls = [o for o in outs if isinstance(o, OutCall)]
+    assert [(c.name, c.arguments) for c in calls] == [("f", {"n": 2.5})]
+    assert "".join(o[1] for o in outs if not isinstance(o, OutCall)) == "ok <tool_call>nonsense</tool_call>"
