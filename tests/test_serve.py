@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from conftest import CLI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
@@ -232,6 +234,7 @@ GOOD = {"model": "tiny-q8_0", "messages": [{"role": "user", "content": "hi"}], "
 @pytest.mark.parametrize(("path", "body", "status", "needle"), [
     ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/chat/completions", b"[" * 30000 + b"]" * 30000, 400, "nests too deeply"),
     ("/v1/chat/completions", {**GOOD, "temperature": "hot"}, 400, "'temperature' must be a number"),
     ("/v1/chat/completions", {**GOOD, "max_tokens": True}, 400, "'max_tokens' must be an integer"),
     ("/v1/chat/completions", {**GOOD, "model": "gpt-4"}, 404, "'gpt-4' is not served here"),
@@ -426,3 +429,29 @@ def test_load_32_streaming_clients_on_4_slots_and_steady_memory(tiny_gguf):
         assert served.metric("requests_total") == 224
     finally:
         assert stop_server(served) == 0
+
+
+SCALARS = (st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats(allow_nan=False, allow_infinity=False)
+           | st.text(max_size=8))
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) |
+                    st.dictionaries(st.sampled_from(["role", "content", "type", "text", "name", "function",
+                                                     "arguments", "enable_thinking", "budget_tokens"]), inner,
+                                    max_size=3), max_leaves=8)
+FIELDS = ["messages", "model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "stream", "tools",
+          "tool_choice", "chat_template_kwargs", "reasoning_effort", "thinking_budget", "thinking", "system",
+          "stop_sequences", "stream_options", "max_completion_tokens"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/chat/completions", "/v1/messages"]),
+       body=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=4),
+       content=st.one_of(st.none(), st.text(max_size=20), JSON))
+def test_any_json_gets_an_answer_or_a_4xx_never_a_500(server, path, body, content):
+    body = {**body, "max_tokens": 1}
+    if content is not None:  # often a well-formed message, so that the other fields are reached
+        body.setdefault("messages", [{"role": "user", "content": content}])
+    reply = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    assert reply.status_code in (200, 400, 404), reply.text
+    assert "Traceback" not in reply.text
+    if reply.status_code != 200:
+        assert reply.json()["error"]
