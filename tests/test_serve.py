@@ -382,7 +382,7 @@ def test_a_taken_port_is_one_line(server, tiny_gguf):
     assert "Traceback" not in done.stderr
 
 
-def test_cascade_local_run_and_batch_against_serve_answer_as_locally(server, tiny_gguf, tmp_path):
+def test_cascade_local_run_batch_and_chat_against_serve(server, tiny_gguf, tmp_path):
     from conftest import run_cli
 
     args = ["Hello", "--no-think", "--max-tokens", "8", "--temperature", "0", "--json"]
@@ -397,6 +397,10 @@ def test_cascade_local_run_and_batch_against_serve_answer_as_locally(server, tin
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in records) == [1, 2, 3] and all(r["error"] is None for r in records)
+    chat = run_cli("chat", "--endpoint", f"{server.url}/v1", "--no-think", "--max-tokens", "8", "--temperature",
+                   "0", input="Hello\n")
+    assert chat.returncode == 0, chat.stderr
+    assert f"served by {server.url}/v1" in chat.stderr and "8 tokens (0 thinking)" in chat.stderr
 
 
 @pytest.mark.slow
