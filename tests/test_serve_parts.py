@@ -61,3 +61,38 @@ def test_a_call_split_across_pieces_becomes_one_call_and_bad_calls_stay_text():
     calls = [o for o in outs if isinstance(o, OutCall)]
     assert [(c.name, c.arguments) for c in calls] == [("f", {"n": 2.5})]
     assert "".join(o[1] for o in outs if not isinstance(o, OutCall)) == "ok <tool_call>nonsense</tool_call>"
+
+
+def test_stream_live_admits_while_running_and_ends_cancelled_requests(tiny_gguf):
+    """Engine.stream_live on the real tiny model: a request taken mid-stream answers as it does alone,
+    and a cancelled one ends at once with finish_reason "cancelled"."""
+    from cascade_local.engine import Engine, Request
+    from cascade_local.llama_model import LoadedModel
+    from cascade_local.sampling import SamplingParams
+
+    model = LoadedModel(tiny_gguf("q8_0"))
+    engine = Engine(model, n_ctx=1024, n_seq_max=2, threads=2)
+    greedy = SamplingParams(temperature=0)
+    first = Request(model.tokenize("<|im_start|>user\nOne<|im_end|>\n"), greedy, 40, tag="first")
+    late = Request(model.tokenize("<|im_start|>user\nTwo<|im_end|>\n"), greedy, 12, tag="late")
+    alone = engine.generate(late)
+    pending, cancelled, steps = [first], set(), {"first": 0}
+    results = {}
+
+    def take(idle: bool):
+        return pending.pop(0) if pending else None
+
+    for event in engine.stream_live(take, lambda tag: tag in cancelled):
+        if event.kind == "done":
+            results[event.tag] = event.result
+            continue
+        steps[event.tag] = steps.get(event.tag, 0) + 1
+        if event.tag == "first" and steps["first"] == 3:
+            pending.append(late)  # arrives while "first" is decoding
+        if event.tag == "late" and steps["late"] == 2:
+            cancelled.add("first")
+    assert results["first"].finish_reason == "cancelled" and results["first"].completion_tokens < 40
+    assert (results["late"].reasoning, results["late"].content) == (alone.reasoning, alone.content)
+    assert results["late"].completion_tokens == alone.completion_tokens
+    engine.close()
+    model.close()
