@@ -382,6 +382,17 @@ def test_a_taken_port_is_one_line(server, tiny_gguf):
     assert "Traceback" not in done.stderr
 
 
+def test_bad_options_are_refused_before_loading(tmp_path):
+    from conftest import run_cli
+
+    missing = str(tmp_path / "absent.gguf")  # never loaded: each refusal comes first
+    for args, needle in [(["--cache-mem", "lots"], "cannot read 'lots' as a memory size"),
+                         (["--reasoning-format", "xml"], "--reasoning-format must be one of"),
+                         (["--api-key-env", "CASCADE_TEST_UNSET"], "CASCADE_TEST_UNSET: that environment variable")]:
+        done = run_cli("serve", missing, "--port", "0", *args)
+        assert done.returncode == 1 and needle in done.stderr, done.stderr
+
+
 def test_cascade_local_run_batch_and_chat_against_serve(server, tiny_gguf, tmp_path):
     from conftest import run_cli
 

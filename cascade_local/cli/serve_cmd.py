@@ -52,7 +52,7 @@ def serve(
     from cascade_local.runtime import PlacementOptions, open_engine
     from cascade_local.server.app import ServeOptions
     from cascade_local.server.chat import REASONING_FORMATS
-    from cascade_local.server.run import check_exposure, serve
+    from cascade_local.server.run import bind, check_exposure, serve
 
     if reasoning_format not in REASONING_FORMATS:
         raise UsageError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}")
@@ -62,15 +62,20 @@ def serve(
         if not api_key:
             raise UsageError(f"--api-key-env {api_key_env}: that environment variable is empty or not set")
     check_exposure(host, api_key, no_auth)
+    cache_bytes, max_body_bytes = parse_size(cache_mem), parse_size(max_body)
     registry = load_registry()
     defaults = {mode: registry.get(None).sampling_defaults(mode) for mode in (True, False)}
-    with err_console.status("loading"):
-        engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads,
-                                placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
-    path = Path(engine.model.path)
-    served = name or (model if model and model in registry.models else path.stem)
-    opts = ServeOptions(served, (path.name, path.stem), api_key, reasoning_format,  # type: ignore[arg-type]
-                        queue_limit=queue, cache_bytes=parse_size(cache_mem),
-                        max_body_bytes=parse_size(max_body), sampling_defaults=defaults)
-    serve(engine, opts, host=host, port=port)
+    sock = bind(host, port)  # a taken port is refused before minutes of loading
+    try:
+        with err_console.status("loading"):
+            engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads,
+                                    placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+        path = Path(engine.model.path)
+        served = name or (model if model and model in registry.models else path.stem)
+        opts = ServeOptions(served, (path.name, path.stem), api_key, reasoning_format,  # type: ignore[arg-type]
+                            queue_limit=queue, cache_bytes=cache_bytes,
+                            max_body_bytes=max_body_bytes, sampling_defaults=defaults)
+        serve(engine, opts, sock)
+    finally:
+        sock.close()
     err_console.print("stopped", style="dim", highlight=False)

@@ -26,7 +26,8 @@ def check_exposure(host: str, api_key: str | None, no_auth: bool) -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a taken port is one clear error (port 0: any free port)."""
+    """The server's socket, listening (port 0: any free port), so that a taken port is one clear error before the
+    model loads. Clients that connect while it loads wait in the backlog until the app is ready."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,7 +39,6 @@ def bind(host: str, port: int) -> socket.socket:
             raise UsageError(f"port {port} on {host} is taken: choose another with --port") from None
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -66,12 +66,11 @@ def make_server(engine: Engine, options: ServeOptions, *, announce: str | None =
     return Server(config)
 
 
-def serve(engine: Engine, options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Blocks until SIGINT/SIGTERM; in-flight requests are answered before it returns."""
-    sock = bind(host, port)
+def serve(engine: Engine, options: ServeOptions, sock: socket.socket) -> None:
+    """Serves on `sock` (from `bind`) until SIGINT/SIGTERM; in-flight requests are answered before it returns."""
+    host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    announce = (f"listening on http://{shown}:{sock.getsockname()[1]} (model {options.name}, "
-                f"{engine.n_seq_max} parallel)")
+    announce = f"listening on http://{shown}:{port} (model {options.name}, {engine.n_seq_max} parallel)"
     try:
         make_server(engine, options, announce=announce).run(sockets=[sock])
     finally:
