@@ -192,17 +192,17 @@ class MessageReply:
                                                    "partial_json": json.dumps(out.arguments, ensure_ascii=False)}}),
                 ("content_block_stop", {"type": "content_block_stop", "index": self._index})]
         kind, text = out
-        block = "thinking" if kind == "reasoning" else "text"
+        shape = "thinking" if kind == "reasoning" else "text"
         events = []
-        if self._open != block:
+        if self._open != shape:
             events = self._close()
             self._index += 1
-            self._open = block
-            empty = {"type": "thinking", "thinking": "", "signature": ""} if block == "thinking" else \
+            self._open = shape
+            empty = {"type": "thinking", "thinking": "", "signature": ""} if shape == "thinking" else \
                 {"type": "text", "text": ""}
             events.append(("content_block_start", {"type": "content_block_start", "index": self._index,
                                                    "content_block": empty}))
-        delta = {"type": "thinking_delta", "thinking": text} if block == "thinking" else \
+        delta = {"type": "thinking_delta", "thinking": text} if shape == "thinking" else \
             {"type": "text_delta", "text": text}
         events.append(("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta}))
         return events

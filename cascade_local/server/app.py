@@ -185,8 +185,8 @@ def _guarded(service: Service, error_body: Callable[[ApiError], dict[str, Any]],
             return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
         except Exception as exc:
             print(f"cascade-local serve: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            err = ApiError(500, "internal server error", kind="server_error")
-            return JSONResponse(error_body(err), status_code=500)
+            failure = ApiError(500, "internal server error", kind="server_error")
+            return JSONResponse(error_body(failure), status_code=500)
 
     return route
 

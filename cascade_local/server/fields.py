@@ -21,7 +21,7 @@ def get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: 
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, accepted):
         wanted = " or ".join(_NAMES.get(k, k.__name__) for k in kinds)
         raise ApiError(400, f"'{where}{key}' must be {wanted}", param=f"{where}{key}")
-    return float(value) if kinds == (float,) else value
+    return float(value) if kinds == (float,) and isinstance(value, int | float) else value
 
 
 def number_in(body: dict[str, Any], key: str, low: float, high: float, *, integer: bool = False) -> Any:
