@@ -96,3 +96,21 @@ def test_stream_live_admits_while_running_and_ends_cancelled_requests(tiny_gguf)
     assert results["late"].completion_tokens == alone.completion_tokens
     engine.close()
     model.close()
+
+
+def test_sampling_left_out_comes_from_the_modes_defaults():
+    from cascade_local.server.anthropic_api import parse_messages_request
+    from cascade_local.server.openai_api import parse_chat
+
+    defaults = {True: {"temperature": 1.0, "top_p": 0.95}, False: {"temperature": 0.6, "top_p": 0.9}}.__getitem__
+    messages = [{"role": "user", "content": "hi"}]
+    off, _, _ = parse_chat({"messages": messages, "reasoning_effort": "none"}, defaults=defaults, max_messages=8)
+    on, _, _ = parse_chat({"messages": messages, "top_k": 5}, defaults=defaults, max_messages=8)
+    given, _, _ = parse_chat({"messages": messages, "temperature": 0, "chat_template_kwargs": {
+        "enable_thinking": False}}, defaults=defaults, max_messages=8)
+    assert (off.thinking, off.sampling.temperature, off.sampling.top_p) == (False, 0.6, 0.9)
+    assert (on.thinking, on.sampling.temperature, on.sampling.top_k) == (True, 1.0, 5)
+    assert (given.sampling.temperature, given.sampling.top_p) == (0.0, 0.9)
+    job, _ = parse_messages_request({"messages": messages, "max_tokens": 5, "thinking": {"type": "disabled"}},
+                                    defaults=defaults, max_messages=8)
+    assert (job.thinking, job.sampling.temperature, job.max_tokens) == (False, 0.6, 5)
