@@ -216,6 +216,38 @@ class Engine:
                 slot.sampler.close()
                 self._forget(slot.seq)
 
+    def stream_live(self, take: Callable[[bool], Request | None],
+                    cancelled: Callable[[Any], bool] = lambda tag: False) -> Iterator[Event]:
+        """Continuous batching for a server: requests arrive while others run.
+
+        Whenever a sequence is free, `take(idle)` is asked for the next request (`idle` is True when
+        nothing runs, so the caller may block until one arrives); None means none for now, or, when
+        idle, that the stream should end. A running request whose tag `cancelled` reports is ended at
+        once (a client went away): its `done` event has finish_reason "cancelled" and its slot is free.
+        """
+        slots: dict[int, _Slot] = {}
+        try:
+            while True:
+                for slot in [s for s in slots.values() if cancelled(s.request.tag)]:
+                    yield from self._finish(slots, slot, "cancelled")
+                for seq in range(self.n_seq_max):
+                    if seq in slots:
+                        continue
+                    request = take(not slots)
+                    if request is None:
+                        if not slots:  # nothing runs and nothing comes: done
+                            return
+                        break
+                    slot = self._admit(seq, request)
+                    slots[seq] = slot
+                    yield from self._after_sample(slots, slot, slot.sampler.sample(self.ctx, -1))
+                if slots:
+                    yield from self._step(slots)
+        finally:
+            for slot in slots.values():
+                slot.sampler.close()
+                self._forget(slot.seq)
+
     def generate(self, request: Request) -> Result:
         """Runs one request to completion and returns its result."""
         return self.generate_many([request])[0]

@@ -46,6 +46,7 @@ def test_wheel_in_a_fresh_venv_runs_the_converter(tmp_path):
     assert (Path(site) / "cascade_local" / "models.toml").exists()
     assert (Path(site) / "cascade_local" / "templates" / "nemotron-cascade-2.jinja").exists()
     assert (Path(site) / "cascade_local" / "py.typed").exists()  # PEP 561: type checkers read our annotations
+    assert (Path(site) / "cascade_local" / "server" / "app.py").exists()  # `serve` ships its package
     out = tmp_path / "tiny.gguf"
     run = subprocess.run([str(venv / "bin" / "cascade-local"), "convert", str(ROOT / "tests/fixtures/tiny"),
                           "-o", str(out), "--type", "q8_0"], capture_output=True, text=True, cwd=tmp_path)

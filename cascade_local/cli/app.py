@@ -61,6 +61,13 @@ def _register() -> None:
     app.command("rm")(models_cmd.rm)
     app.command("doctor")(doctor_cmd.doctor)
     app.command("eval")(eval_cmd.eval_)
+    _register_serve()
+
+
+def _register_serve() -> None:
+    from cascade_local.cli import serve_cmd
+
+    app.command("serve")(serve_cmd.serve)
 
 
 def _stdout_gone() -> bool:
