@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from rich.console import Console
 
-from cascade_local.cli.chat_ui import ChatSession, TurnView, help_text, parse_slash, run_chat
+from cascade_local.cli.chat import ChatSession, TurnView, help_text, parse_slash, run_chat
 from cascade_local.conversation import Conversation, TurnSettings
 from cascade_local.sampling import SamplingParams
 from cascade_local.tools import PYTHON_TOOL_NAME, CallRecord, LoopEvent
@@ -128,7 +128,7 @@ def test_a_scripted_tool_call_runs_in_the_chat_kernel_and_clear_ends_it(tiny_ggu
 
 
 def test_the_confirmation_runs_only_on_yes():
-    from cascade_local.cli.chat_ui import ask_to_run
+    from cascade_local.cli.chat import ask_to_run
 
     def eof() -> str:
         raise EOFError

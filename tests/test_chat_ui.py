@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from cascade_local import transcript
-from cascade_local.cli.chat_ui import (
+from cascade_local.cli.chat import (
     COMMANDS,
     ChatSession,
     Command,

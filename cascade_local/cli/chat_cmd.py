@@ -66,7 +66,7 @@ def chat(
 
     Example: cascade-local chat ./cascade2-q4.gguf --no-think
     """
-    from cascade_local.cli.chat_ui import ChatSession, history_file, plain_reader, run_chat, terminal_reader
+    from cascade_local.cli.chat import ChatSession, history_file, plain_reader, run_chat, terminal_reader
     from cascade_local.cli.console import out_console
     from cascade_local.conversation import Conversation, TurnSettings
     from cascade_local.paths import home

@@ -1,0 +1,84 @@
+"""Reading what the user types: a line or a \"\"\" block, from prompt_toolkit on a terminal or from a pipe."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from cascade_local.cli.chat.commands import BLOCK, slash_completer
+
+PROMPT = ">>> "
+CONTINUATION = "... "
+
+
+def block_is_open(text: str) -> bool:
+    """True while `text` is a \"\"\" block whose closing \"\"\" has not been typed yet."""
+    body = text.lstrip()
+    return body.startswith(BLOCK) and not body[len(BLOCK):].rstrip().endswith(BLOCK)
+
+
+def interpret(raw: str) -> tuple[str, str]:
+    """What the user typed -> ('command', line) | ('message', text) | ('empty', '').
+
+    A \"\"\" block is always a message, with the quotes and the blank first and last lines removed, so that
+    a message can start with a slash.
+    """
+    text = raw.strip()
+    if text.startswith(BLOCK):
+        body = text[len(BLOCK):]
+        body = body[: -len(BLOCK)] if body.rstrip().endswith(BLOCK) else body
+        body = body.strip("\n")
+        return ("message", body) if body.strip() else ("empty", "")
+    if not text:
+        return "empty", ""
+    return ("command", text) if text.startswith("/") else ("message", raw.strip("\n"))
+
+
+def read_message(read_line: Callable[[str], str]) -> str:
+    """Reads one input: a line, or a whole \"\"\" block, line by line (the prompt is PROMPT, then CONTINUATION).
+
+    An input that ends inside a block sends what was read; the next call then meets the end of input.
+    """
+    text = read_line(PROMPT)
+    while block_is_open(text):
+        try:
+            text += "\n" + read_line(CONTINUATION)
+        except EOFError:
+            break
+    return text
+
+
+def plain_reader() -> Callable[[], str]:
+    """Line reading for a pipe or a file: input() as before, prompts and all, so scripts see what they always saw."""
+    return lambda: read_message(input)
+
+
+def history_file(folder: Path) -> Path | None:
+    """`folder/chat_history`, created private (prompts can be private); None when the folder cannot be written."""
+    path = folder / "chat_history"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError:
+        return None
+    return path
+
+
+def terminal_reader(history: Path | None) -> Callable[[], str]:
+    """prompt_toolkit line editing: history across sessions, completion, and \"\"\" blocks edited as one input."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.filters import Condition
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.output.defaults import create_output
+
+    session: PromptSession[str] = PromptSession(
+        history=FileHistory(str(history)) if history else InMemoryHistory(),
+        completer=slash_completer(),
+        # Enter adds a line while a """ block is open and sends once it is closed.
+        multiline=Condition(lambda: block_is_open(session.default_buffer.text)),
+        prompt_continuation=CONTINUATION,
+        # With stdout redirected (`chat > answers.md`) the prompt still goes to the terminal.
+        output=create_output(always_prefer_tty=True),
+    )
+    return lambda: session.prompt(PROMPT)
