@@ -163,3 +163,81 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(endless_chat_pane, tm
     while pane.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pane.alive() and rc.read_text().strip() == "0"
+
+
+def _wait_exit(pane: Pane, rc: Path, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while pane.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pane.alive(), "the chat did not end"
+    return rc.read_text().strip()
+
+
+def _still_alive(pane: Pane, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert pane.alive(), "the chat ended"
+        time.sleep(0.05)
+
+
+LEAVE_HINT = "Ctrl-C again or Ctrl-D to leave"
+
+
+@pytest.fixture
+def quick_chat_pane(tmp_path, tiny_gguf):
+    """Short answers without thinking: an answer ends a few milliseconds after the question."""
+    pane, home, rc = start_chat(tmp_path, tiny_gguf("q8_0"), "--max-tokens", "8", "--no-think")
+    try:
+        yield pane, home, rc
+    finally:
+        pane.close()
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_then_warns_before_leaving(quick_chat_pane):
+    pane, _, rc = quick_chat_pane
+    pane.wait_prompts(1)
+    pane.type("half a thought", enter=False)
+    pane.wait(lambda s: re.search(r"^>>> half a thought", s, re.M), "the typed text")
+    pane.key("C-c")  # typed text: the line is cleared, nothing else happens
+    pane.wait(lambda s: not re.search(r"^>>> half a thought", s, re.M), "the cleared line")
+    _still_alive(pane, 0.5)
+    assert LEAVE_HINT not in pane.screen()
+
+    pane.key("C-c")  # an empty line: a warning only
+    pane.wait(lambda s: s.count(LEAVE_HINT) == 1, "the warning")
+    _still_alive(pane, 2.5)  # a second Ctrl-C after the window only warns again
+    pane.key("C-c")
+    pane.wait(lambda s: s.count(LEAVE_HINT) == 2, "the second warning")
+    _still_alive(pane, 0.3)
+    pane.key("C-c")  # within the window: the chat ends, as a normal exit
+    assert _wait_exit(pane, rc) == "0"
+
+
+def test_ctrl_d_leaves_at_once(quick_chat_pane):
+    pane, _, rc = quick_chat_pane
+    pane.wait_prompts(1)
+    pane.key("C-d")
+    assert _wait_exit(pane, rc, timeout=5) == "0"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3])
+def test_a_ctrl_c_just_after_an_answer_never_ends_the_chat(quick_chat_pane, delay):
+    """The race: Ctrl-C meant for an answer that has already ended, landing between turns or on the prompt."""
+    pane, _, rc = quick_chat_pane
+    pane.wait_prompts(1)
+    for n in range(1, 4):
+        pane.type(f"question {n}")
+        time.sleep(delay)
+        pane.key("C-c")
+        pane.wait_prompts(n + 1)
+        _still_alive(pane, 0.3)
+    # Once the answer's stats line is on the screen: the next Ctrl-C lands on the fresh prompt.
+    pane.type("question 4")
+    pane.wait(lambda s: re.search(r"^>>> question 4\n(.*\n)*.*tok/s", s, re.M), "the answer to question 4")
+    pane.key("C-c")
+    pane.wait(lambda s: LEAVE_HINT in s.split(">>> question 4", 1)[1], "the warning")
+    _still_alive(pane, 0.3)
+    pane.type("question 5")  # the chat goes on
+    pane.wait(lambda s: re.search(r"^>>> question 5\n(.*\n)*.*tok/s", s, re.M), "the answer to question 5")
+    pane.type("/exit")
+    assert _wait_exit(pane, rc) == "0"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +32,8 @@ from cascade_local.cli.chat import (
     terminal_safe,
     thought_summary,
 )
+from cascade_local.cli.chat.interrupts import Interrupts
+from cascade_local.cli.chat.loop import LEAVE_HINT, LEAVE_WINDOW
 from cascade_local.conversation import Conversation, TurnSettings
 from cascade_local.engine import Event, Result
 from cascade_local.sampling import SamplingParams
@@ -386,9 +389,47 @@ def test_a_bad_load_keeps_the_chat_going(tmp_path, capsys):
     assert [m["content"] for m in session.conversation.messages if m["role"] == "user"] == ["Hi", "Still here?"]
 
 
-def test_ctrl_c_at_the_prompt_leaves_with_0():
-    session, _ = _session()
-    assert run_chat(session, _script("Hi", KeyboardInterrupt, "never read")) == 0
+def _clock(*times):
+    """A scripted monotonic clock: the times at which each Ctrl-C at the prompt is pressed."""
+    ticks = iter(times)
+    return lambda: next(ticks)
+
+
+def test_one_ctrl_c_at_the_prompt_only_warns():
+    session, err = _session()
+    assert run_chat(session, _script("Hi", KeyboardInterrupt, "Again", "/exit"), clock=_clock(100.0)) == 0
+    assert session.conversation.asked == [("Hi", True), ("Again", True)]
+    assert err.getvalue().count(LEAVE_HINT) == 1
+
+
+def test_two_ctrl_c_within_the_window_leave_with_0():
+    session, err = _session()
+    script = _script("Hi", KeyboardInterrupt, KeyboardInterrupt, "never read")
+    assert run_chat(session, script, clock=_clock(100.0, 100.0 + LEAVE_WINDOW - 0.1)) == 0
+    assert session.conversation.asked == [("Hi", True)] and err.getvalue().count(LEAVE_HINT) == 1
+
+
+def test_a_ctrl_c_after_the_window_or_after_an_input_warns_again():
+    session, err = _session()
+    script = _script(KeyboardInterrupt, KeyboardInterrupt, "Hi", KeyboardInterrupt, KeyboardInterrupt)
+    assert run_chat(session, script, clock=_clock(100.0, 100.0 + LEAVE_WINDOW + 0.5, 103.0, 103.5)) == 0
+    assert session.conversation.asked == [("Hi", True)] and err.getvalue().count(LEAVE_HINT) == 3
+
+
+def test_sigint_raises_only_while_armed():
+    """A real SIGINT to this process: dropped outside armed sections (the race after an answer), raised inside."""
+    import os
+    import signal
+
+    interrupts = Interrupts()
+    with interrupts.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes
+        assert interrupts.dropped == 1
+        with pytest.raises(KeyboardInterrupt), interrupts.armed():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_failed_turn_leaves_no_trace_and_the_chat_goes_on(capsys):

@@ -58,8 +58,9 @@ def chat(
     call's code and output are shown, and you confirm each call (y/N; from a
     pipe, the next input line answers) unless --yes.
 
-    Ctrl-C stops an answer and keeps what was said. Ctrl-C or Ctrl-D at the
-    prompt leaves the chat, with exit code 0.
+    Ctrl-C stops an answer and keeps what was said. At the prompt Ctrl-C
+    clears the typed line; on an empty line it warns, and a second Ctrl-C
+    within 2 s leaves. Ctrl-D and /exit leave at once (exit code 0).
 
     Not on a terminal, the answer is written as plain text (stdout) and lines
     are read from stdin as they come, so the chat can be scripted.

@@ -42,7 +42,8 @@ TOGGLES = {"/think": ("on", "off"), "/thinking": ("show", "hide"), "/tools": ("o
 KEYS_HELP = (f"Multi-line: a line starting with {BLOCK} opens a block; a line ending with {BLOCK} closes and "
              "sends it.\n"
              "Tab completes commands, Up/Down recall earlier inputs. Ctrl-C stops an answer (what was said stays "
-             "in the conversation); Ctrl-C or Ctrl-D at the prompt leaves the chat.")
+             "in the conversation); at the prompt Ctrl-C clears the line, and on an empty line twice in a row "
+             "leaves the chat, as Ctrl-D or /exit do.")
 
 
 # -- slash commands -------------------------------------------------------------------------------------------------

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cascade_local.cli.chat.commands import BLOCK, slash_completer
+
+if TYPE_CHECKING:
+    from prompt_toolkit.key_binding import KeyPressEvent
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -70,7 +74,19 @@ def terminal_reader(history: Path | None) -> Callable[[], str]:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.filters import Condition
     from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
     from prompt_toolkit.output.defaults import create_output
+
+    keys = KeyBindings()
+
+    @keys.add("c-c")
+    def _ctrl_c(event: KeyPressEvent) -> None:
+        # Typed text: Ctrl-C clears the line. An empty line: the loop hears it (and warns before leaving).
+        buffer = event.app.current_buffer
+        if buffer.text:
+            buffer.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
 
     session: PromptSession[str] = PromptSession(
         history=FileHistory(str(history)) if history else InMemoryHistory(),
@@ -78,7 +94,12 @@ def terminal_reader(history: Path | None) -> Callable[[], str]:
         # Enter adds a line while a """ block is open and sends once it is closed.
         multiline=Condition(lambda: block_is_open(session.default_buffer.text)),
         prompt_continuation=CONTINUATION,
+        key_bindings=keys,
         # With stdout redirected (`chat > answers.md`) the prompt still goes to the terminal.
         output=create_output(always_prefer_tty=True),
     )
-    return lambda: session.prompt(PROMPT)
+    def read() -> str:
+        return session.prompt(PROMPT)
+
+    read.reads_ctrl_c = True  # type: ignore[attr-defined]  # see chat.loop.Reader
+    return read

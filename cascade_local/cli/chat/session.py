@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cascade_local.cli.chat.commands import BLOCK, Command, SlashError, help_text
+from cascade_local.cli.chat.interrupts import Interrupts
 from cascade_local.cli.chat.stats import Totals, model_text, stats_text
 from cascade_local.cli.chat.tools import answer_result, ask_to_run, exchange_messages
 from cascade_local.cli.chat.view import TurnView
@@ -56,6 +57,8 @@ class ChatSession:
     tools_on: bool = False
     yes: bool = False
     confirm: Callable[[ToolCall], bool] | None = None
+    # Ctrl-C interrupts only while an answer streams (and at the prompt): see interrupts.py.
+    interrupts: Interrupts = field(default_factory=Interrupts)
 
     def enable_tools(self, names: str = "python") -> None:
         """Makes the tools (the kernel starts at the first call); the next turns use them."""
@@ -148,8 +151,8 @@ class ChatSession:
         result, interrupted = None, False
         try:
             events = self.conversation.reply(text, self.settings)
-            with closing(events):  # closed at once, so the partial answer joins the history before we go on
-                for event in events:
+            with closing(events), self.interrupts.armed():  # closed at once (and no longer interruptible), so
+                for event in events:                           # the partial answer joins the history before we go on
                     view.feed(event)
             result = self.conversation.last
         except KeyboardInterrupt:
@@ -177,7 +180,7 @@ class ChatSession:
         part = {"reasoning": "", "content": ""}  # the text of the round in progress
         try:
             events = loop.stream(history)
-            with closing(events):
+            with closing(events), self.interrupts.armed():
                 for event in events:
                     if event.kind == "done":
                         answer = event.answer
