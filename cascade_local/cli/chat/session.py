@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from cascade_local.cli.chat.commands import BLOCK, Command, SlashError, help_text
 from cascade_local.cli.chat.interrupts import Interrupts
+from cascade_local.cli.chat.record import ChatRecorder
 from cascade_local.cli.chat.stats import Totals, model_text, stats_text
 from cascade_local.cli.chat.tools import answer_result, ask_to_run, exchange_messages
 from cascade_local.cli.chat.view import TurnView
@@ -59,6 +60,15 @@ class ChatSession:
     confirm: Callable[[ToolCall], bool] | None = None
     # Ctrl-C interrupts only while an answer streams (and at the prompt): see interrupts.py.
     interrupts: Interrupts = field(default_factory=Interrupts)
+    # The automatic history (None: not logged, by --no-log, the setting, or a database that cannot be used).
+    recorder: ChatRecorder | None = None
+
+    def record(self, result: Result | None = None, asking: str | None = None) -> None:
+        """Writes the messages completed since the last call (and `asking`, the question about to be asked)."""
+        if self.recorder is not None:
+            asked = [{"role": "user", "content": asking}] if asking is not None else []
+            self.recorder.record([*self.conversation.messages, *asked], self.conversation.system, self.settings,
+                                 result)
 
     def enable_tools(self, names: str = "python") -> None:
         """Makes the tools (the kernel starts at the first call); the next turns use them."""
@@ -112,6 +122,8 @@ class ChatSession:
             return Outcome("system prompt set" if value else "system prompt removed")
         if name == "/clear":
             chat.clear()
+            if self.recorder is not None:
+                self.recorder.restart()
             self.close_tools()
             return Outcome("conversation cleared")
         if name == "/retry":
@@ -122,8 +134,13 @@ class ChatSession:
             path = transcript.save(chat, settings, value, force=command.force)
             return Outcome(f"saved {len(chat.messages)} messages to {path}")
         if name == "/load":
+            if value.name.isdigit() and str(value) == value.name and not value.exists():
+                return self.resume(int(value.name))  # the id of a logged conversation
             transcript.load(chat, settings, value)
             chat.last = None
+            if self.recorder is not None:
+                self.recorder.restart()  # the loaded messages are logged as a new conversation
+            self.record()
             return Outcome(f"loaded {len(chat.messages)} messages from {value} · thinking "
                            f"{'on' if settings.thinking else 'off'}")
         if name == "/stats":
@@ -149,6 +166,7 @@ class ChatSession:
             return self._tool_turn(text)
         view = TurnView(self.out, self.err, thinking=self.settings.thinking, show_thinking=self.show_thinking)
         result, interrupted = None, False
+        self.record(asking=text)  # the question is kept even if the chat is killed while it is answered
         try:
             events = self.conversation.reply(text, self.settings)
             with closing(events), self.interrupts.armed():  # closed at once (and no longer interruptible), so
@@ -159,6 +177,7 @@ class ChatSession:
             interrupted = True
         finally:
             view.close(result, interrupted)
+        self.record(result)
         if result is not None:
             self.totals.add(result)
         return result
@@ -169,6 +188,7 @@ class ChatSession:
 
         chat, settings = self.conversation, self.settings
         chat.messages.append({"role": "user", "content": text})
+        self.record()
         history = ([{"role": "system", "content": chat.system}] if chat.system else []) + list(chat.messages)
         loop = ToolLoop(chat.engine, list(self.tools or []), thinking=settings.thinking, sampling=settings.sampling,
                         max_tokens=settings.max_tokens, budget=settings.thinking_budget,
@@ -203,9 +223,34 @@ class ChatSession:
                          "reasoning_content": part["reasoning"].strip()}
                 chat.messages.extend([*exchanges, final])
             chat.last = result
+        self.record(result)
         if result is not None:
             self.totals.add(result)
         return result
+
+    def resume(self, conversation_id: int | None) -> Outcome:
+        """Replaces the conversation by a logged one (the last chat's when `conversation_id` is None), with its
+        settings; the chat then goes on logging into it. Its prompt is evaluated again at the next turn."""
+        from cascade_local import transcript
+        from cascade_local.history import HistoryStore
+
+        if self.recorder is None or self.recorder.log is None:
+            raise SlashError("the history is off in this chat (--no-log, the setting, or a database error)")
+        log = self.recorder.log
+        store = HistoryStore(log.db)
+        stored = store.get(store.last_id() if conversation_id is None else conversation_id)
+        chat = self.conversation
+        chat.clear()  # also drops the evaluated-prompt cache, which belonged to the old history
+        chat.messages.extend(stored.chat_messages())
+        chat.system = stored.system
+        chat.last = None
+        transcript.apply_settings(self.settings, {k: v for k, v in stored.settings.items()
+                                                  if k in ("thinking", "thinking_budget", "max_tokens")})
+        self.settings.sampling = self.sampling(self.settings.thinking)  # this chat's sampling for that mode
+        log.attach(stored.id, stored.chat_messages())
+        turns = sum(m["role"] == "user" for m in chat.messages)
+        return Outcome(f"conversation {stored.id} ({turns} question{'s' if turns != 1 else ''}, "
+                       f"{len(chat.messages)} messages) · thinking {'on' if self.settings.thinking else 'off'}")
 
     def drop_failed(self, text: str) -> None:
         """Removes the exchange of a turn that failed (its question, and any empty answer) from the history."""
@@ -214,6 +259,7 @@ class ChatSession:
             del messages[-2:]
         elif messages and messages[-1] == asked:
             messages.pop()
+        self.record()
 
     def banner(self) -> str:
         name = Path(self.conversation.model.path).name
