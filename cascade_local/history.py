@@ -353,6 +353,12 @@ class HistoryStore:
             raise HistoryError(f"cannot read the history: {exc}") from None
 
 
+def open_store(path: Path | None = None) -> HistoryStore | None:
+    """The store for reading, or None when nothing has been logged yet (the database is not created for that)."""
+    path = path or database_path()
+    return HistoryStore(connect(path)) if path.exists() else None
+
+
 # -- a conversation as Markdown ----------------------------------------------------------------------------------------
 
 def to_markdown(c: StoredConversation) -> str:

@@ -50,6 +50,10 @@ def _register() -> None:
     app.command("list")(models_cmd.list_)
     app.command("rm")(models_cmd.rm)
 
+    from cascade_local.cli import logs_cmd
+
+    app.add_typer(logs_cmd.logs_app, name="logs")
+
 
 def _stdout_gone() -> bool:
     if type(sys.stdout).__name__ == "PacifyFlushWrapper":

@@ -43,7 +43,7 @@ def chat(
     resume: int | None = typer.Option(None, "--resume", metavar="ID", help="Go on with logged conversation ID "
                                       "(cascade-local logs lists them)."),
     no_log: bool = typer.Option(False, "--no-log", help="Do not keep this chat in the history (to turn logging "
-                                "off for good: [settings] log = false in models.toml)."),
+                                "off for good: \\[settings] log = false in models.toml)."),
 ) -> int:
     """Chat with a model in the terminal: the answer rendered as Markdown.
 
