@@ -270,7 +270,7 @@ class StoredConversation:
         out = []
         for m in self.messages:
             message = {"role": m["role"], "content": m["content"]}
-            if m["reasoning"]:
+            if m["role"] == "assistant":  # as the chat holds them: an answer always has its reasoning, maybe ""
                 message["reasoning_content"] = m["reasoning"]
             if m["tool_calls"]:
                 message["tool_calls"] = m["tool_calls"]

@@ -179,3 +179,31 @@ def test_a_chat_with_a_read_only_database_warns_once_and_goes_on(tiny_gguf, priv
     result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "3", input="Hello\nAgain\n")
     assert result.returncode == 0 and result.stdout.count("\n") == 2, result.stderr
     assert len([line for line in result.stderr.splitlines() if "not being logged" in line]) == 1
+
+
+def test_run_is_logged_only_with_log(tiny_gguf, private_home):
+    model = str(tiny_gguf("q8_0"))
+    plain = run_cli("run", model, "Hello", "--no-think", "--max-tokens", "4", "--temperature", "0")
+    assert plain.returncode == 0 and not (private_home / "history.db").exists()
+    logged = run_cli("run", model, "Hello", "--no-think", "--max-tokens", "4", "--temperature", "0", "--log",
+                     "--system", "Be brief.")
+    assert logged.returncode == 0, logged.stderr
+    [summary] = _db(private_home).summaries()
+    stored = _db(private_home).get(summary.id)
+    assert stored.source == "run" and stored.system == "Be brief." and stored.model == model
+    assert [m["role"] for m in stored.messages] == ["user", "assistant"]
+    assert stored.messages[1]["content"] == logged.stdout.strip() and stored.messages[1]["completion_tokens"] == 4
+    with pytest.raises(HistoryError, match="no logged conversation to continue"):
+        _db(private_home).last_id()  # chat --continue goes on with chats, not with run's exchanges
+
+
+def test_load_id_in_a_chat_goes_on_with_a_logged_conversation(tiny_gguf, private_home):
+    model = str(tiny_gguf("q8_0"))
+    assert run_cli("chat", model, "--max-tokens", "3", "--no-think", input="Old question\n").returncode == 0
+    [old] = _db(private_home).summaries()
+    chat = run_cli("chat", model, "--max-tokens", "3", "--no-think", input=f"New chat\n/load {old.id}\nOn top\n")
+    assert chat.returncode == 0, chat.stderr
+    assert f"conversation {old.id} (1 question, 2 messages)" in chat.stderr
+    users = [[m["content"] for m in _db(private_home).get(s.id).messages if m["role"] == "user"]
+             for s in _db(private_home).summaries()]
+    assert sorted(users) == [["New chat"], ["Old question", "On top"]]
