@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
+import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import CLI, run_cli
 
 from cascade_local.conversation import TurnSettings
 from cascade_local.engine import Result
@@ -169,16 +172,36 @@ def test_a_chat_with_a_broken_database_warns_once_and_goes_on(tiny_gguf, private
     assert path.read_bytes() == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only files")
-def test_a_chat_with_a_read_only_database_warns_once_and_goes_on(tiny_gguf, private_home):
-    private_home.mkdir(exist_ok=True)
-    connect(private_home / "history.db").close()
-    for name in ("history.db", "history.db-wal", "history.db-shm"):
-        if (private_home / name).exists():
-            (private_home / name).chmod(0o444)
-    result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "3", input="Hello\nAgain\n")
-    assert result.returncode == 0 and result.stdout.count("\n") == 2, result.stderr
-    assert len([line for line in result.stderr.splitlines() if "not being logged" in line]) == 1
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root without setpriv")
+def test_a_chat_with_a_read_only_database_warns_once_and_goes_on(tiny_gguf):
+    """The database file is read-only for the user running the chat. Root ignores file modes, so under root the
+    chat runs as `nobody` (setpriv drops every capability), in a folder it may write (the file stays root's)."""
+    import tempfile
+
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="cascade-ro-"))  # outside pytest's private (0700) folder
+    try:
+        base.chmod(0o755)
+        model = base / "tiny.gguf"
+        shutil.copy(tiny_gguf("q8_0"), model)
+        model.chmod(0o644)
+        home = base / "home"
+        home.mkdir()
+        connect(home / "history.db").close()
+        (home / "history.db").chmod(0o444)
+        if as_root:
+            os.chown(home, 65534, 65534)
+        before = (home / "history.db").read_bytes()
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_root else []
+        result = subprocess.run([*drop, *CLI, "chat", str(model), "--max-tokens", "3"], input="Hello\nAgain\n",
+                                capture_output=True, text=True, timeout=120, cwd=base,
+                                env={**os.environ, "CASCADE_LOCAL_HOME": str(home), "HOME": str(home)})
+        assert result.returncode == 0 and result.stdout.count("\n") == 2, result.stderr
+        warnings = [line for line in result.stderr.splitlines() if "not being logged" in line]
+        assert len(warnings) == 1 and "readonly" in warnings[0] and "Traceback" not in result.stderr
+        assert (home / "history.db").read_bytes() == before
+    finally:
+        shutil.rmtree(base)
 
 
 def test_run_is_logged_only_with_log(tiny_gguf, private_home):
