@@ -150,8 +150,15 @@ def test_a_tool_turn_is_logged_with_its_call_and_output(tiny_gguf, tmp_path):
 
     model = LoadedModel(tiny_gguf("q8_0"))
     rounds = iter([model.tokenize(CALL), [*model.tokenize("42"), IM_END]])
-    engine = Engine(model, n_ctx=1024, threads=2,
-                    sampler_factory=lambda params: ScriptedSampler(next(rounds, [IM_END]), then=IM_END))
+    logged_before_round: list[list[str]] = []
+
+    def sampler(params):
+        # What another process reads from the history when each round starts: the call is there before the answer.
+        logged_before_round.append([m["role"] for s in HistoryStore(connect(tmp_path / "h.db")).summaries()
+                                    for m in HistoryStore(connect(tmp_path / "h.db")).get(s.id).messages])
+        return ScriptedSampler(next(rounds, [IM_END]), then=IM_END)
+
+    engine = Engine(model, n_ctx=1024, threads=2, sampler_factory=sampler)
     err = Console(file=io.StringIO(), width=200)
     log = ConversationLog(connect(tmp_path / "h.db"), model=str(model.path))
     session = ChatSession(Conversation(engine), TurnSettings(thinking=False, max_tokens=200),
@@ -162,6 +169,7 @@ def test_a_tool_turn_is_logged_with_its_call_and_output(tiny_gguf, tmp_path):
         assert session.turn("What is 6*7?") is not None
     finally:
         session.close()
+    assert logged_before_round == [["user"], ["user", "assistant", "tool"]]
     stored = HistoryStore(connect(tmp_path / "h.db")).get(log.id)
     assert [m["role"] for m in stored.messages] == ["user", "assistant", "tool", "assistant"]
     call = stored.messages[1]["tool_calls"][0]["function"]

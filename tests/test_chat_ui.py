@@ -69,7 +69,7 @@ def test_parse_slash(line, expected):
     ("/budget -3", "usage: /budget N|off"),
     ("/save", "usage: /save FILE [--force]"),
     ("/save my chat.json", "usage: /save FILE [--force] (quote a name that has spaces)"),
-    ("/load a.json --force", "usage: /load FILE"),
+    ("/load a.json --force", "usage: /load FILE|ID"),
     ("/save 'unclosed", "/save: No closing quotation"),
     ("/clear now", "/clear takes no argument"),
     ("/usr/bin/env", 'unknown command /usr/bin/env; /help lists them (to send a message that starts with /, wrap it'),

@@ -52,7 +52,7 @@ def chat(
 
     Slash commands (/help lists them, Tab completes them): /think on|off,
     /thinking show|hide, /budget N|off, /tools on|off, /system TEXT, /clear, /retry,
-    /save FILE [--force], /load FILE, /stats, /model, /exit.
+    /save FILE [--force], /load FILE|ID, /stats, /model, /exit.
 
     Multi-line: a line starting with \"\"\" opens a block; a line ending with
     \"\"\" closes and sends it. Inputs are remembered across sessions

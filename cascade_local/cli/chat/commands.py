@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/clear": ("", "forget the conversation (the system prompt stays)"),
     "/retry": ("", "ask the last question again"),
     "/save": ("FILE [--force]", "save the conversation as JSON (--force overwrites)"),
-    "/load": ("FILE", "continue a saved conversation, with its settings"),
+    "/load": ("FILE|ID", "continue a saved conversation, or logged conversation ID, with its settings"),
     "/stats": ("", "tokens and speed: last answer, session, memory, placement"),
     "/model": ("", "model file, architecture, parameters, quantization recipe"),
     "/help": ("", "this list"),

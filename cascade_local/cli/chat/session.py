@@ -210,6 +210,8 @@ class ChatSession:
                     elif event.kind == "tool_result" and event.call is not None:
                         exchanges += exchange_messages(event.call, part)
                         part = {"reasoning": "", "content": ""}
+                        if self.recorder is not None:  # a finished call and its output are kept at once
+                            self.recorder.record([*chat.messages, *exchanges], chat.system, settings)
                     view.feed(event)
             if answer is not None:
                 exchanges = answer.messages[len(history):]
