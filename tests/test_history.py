@@ -133,9 +133,12 @@ def _db(home):
 
 def test_a_chat_is_logged_and_continued(tiny_gguf, private_home):
     model = str(tiny_gguf("q8_0"))
-    first = run_cli("chat", model, "--max-tokens", "4", "--temperature", "0", input="Hello\n/think off\nAgain\n")
+    first = run_cli("chat", model, "--max-tokens", "4", "--temperature", "0",
+                    input="/stats\nHello\n/think off\nAgain\n/stats\n")
     assert first.returncode == 0, first.stderr
     [summary] = _db(private_home).summaries()
+    assert "history: nothing logged yet" in first.stderr
+    assert f"history: conversation {summary.id} (cascade-local logs show {summary.id})" in first.stderr
     assert summary.turns == 2 and summary.first == "Hello" and summary.model == model
     second = run_cli("chat", model, "--max-tokens", "4", "--temperature", "0", "--continue", input="Third\n")
     assert second.returncode == 0, second.stderr
@@ -147,7 +150,8 @@ def test_a_chat_is_logged_and_continued(tiny_gguf, private_home):
 
 def test_no_log_and_the_setting_keep_nothing(tiny_gguf, private_home):
     model = str(tiny_gguf("q8_0"))
-    assert run_cli("chat", model, "--max-tokens", "2", "--no-log", input="Hello\n").returncode == 0
+    unlogged = run_cli("chat", model, "--max-tokens", "2", "--no-log", input="Hello\n/stats\n")
+    assert unlogged.returncode == 0 and "history: off" in unlogged.stderr
     private_home.mkdir(exist_ok=True)
     (private_home / "models.toml").write_text("[settings]\nlog = false\n")
     assert run_cli("chat", model, "--max-tokens", "2", input="Hello\n").returncode == 0

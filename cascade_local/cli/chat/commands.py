@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/retry": ("", "ask the last question again"),
     "/save": ("FILE [--force]", "save the conversation as JSON (--force overwrites)"),
     "/load": ("FILE|ID", "continue a saved conversation, or logged conversation ID, with its settings"),
-    "/stats": ("", "tokens and speed: last answer, session, memory, placement"),
+    "/stats": ("", "tokens and speed: last answer, session, memory, placement; the logged conversation's id"),
     "/model": ("", "model file, architecture, parameters, quantization recipe"),
     "/help": ("", "this list"),
     "/exit": ("", "leave the chat (Ctrl-D too)"),

@@ -144,7 +144,7 @@ class ChatSession:
             return Outcome(f"loaded {len(chat.messages)} messages from {value} · thinking "
                            f"{'on' if settings.thinking else 'off'}")
         if name == "/stats":
-            return Outcome(stats_text(chat.last, self.totals, self.plan))
+            return Outcome(stats_text(chat.last, self.totals, self.plan) + "\n" + self._history_line())
         if name == "/model":
             model = chat.model
             return Outcome(model_text(model.path, model.metadata, getattr(chat.engine, "n_ctx", None)))
@@ -253,6 +253,12 @@ class ChatSession:
         turns = sum(m["role"] == "user" for m in chat.messages)
         return Outcome(f"conversation {stored.id} ({turns} question{'s' if turns != 1 else ''}, "
                        f"{len(chat.messages)} messages) · thinking {'on' if self.settings.thinking else 'off'}")
+
+    def _history_line(self) -> str:
+        logged = self.recorder.conversation_id if self.recorder is not None else None
+        if logged is not None:
+            return f"history: conversation {logged} (cascade-local logs show {logged})"
+        return "history: nothing logged yet" if self.recorder is not None and self.recorder.log else "history: off"
 
     def drop_failed(self, text: str) -> None:
         """Removes the exchange of a turn that failed (its question, and any empty answer) from the history."""
