@@ -169,8 +169,9 @@ class ChatSession:
         self.record(asking=text)  # the question is kept even if the chat is killed while it is answered
         try:
             events = self.conversation.reply(text, self.settings)
-            with closing(events), self.interrupts.armed():  # closed at once (and no longer interruptible), so
-                for event in events:                           # the partial answer joins the history before we go on
+            # Closed at once (and no longer interruptible), so the partial answer joins the history before we go on.
+            with closing(events), self.interrupts.armed():
+                for event in events:
                     view.feed(event)
             result = self.conversation.last
         except KeyboardInterrupt:
@@ -243,6 +244,7 @@ class ChatSession:
         stored = store.get(store.last_id() if conversation_id is None else conversation_id)
         chat = self.conversation
         chat.clear()  # also drops the evaluated-prompt cache, which belonged to the old history
+        self.close_tools()  # and the Python kernel's variables
         chat.messages.extend(stored.chat_messages())
         chat.system = stored.system
         chat.last = None
