@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -140,11 +141,14 @@ def test_a_chat_is_logged_and_continued(tiny_gguf, private_home):
     assert "history: nothing logged yet" in first.stderr
     assert f"history: conversation {summary.id} (cascade-local logs show {summary.id})" in first.stderr
     assert summary.turns == 2 and summary.first == "Hello" and summary.model == model
-    second = run_cli("chat", model, "--max-tokens", "4", "--temperature", "0", "--continue", input="Third\n")
+    second = run_cli("chat", model, "--max-tokens", "4", "--temperature", "0", "--continue", input="Third\nFourth\n")
     assert second.returncode == 0, second.stderr
     assert f"conversation {summary.id} (2 questions, 4 messages) · thinking off" in second.stderr
+    # The reloaded history is evaluated once, by the first question; the next one reuses it.
+    reused = [int(n) for n in re.findall(r"prompt \d+ \((\d+) reused\)", second.stderr)]
+    assert reused[0] == 0 and reused[1] > 0, second.stderr
     stored = _db(private_home).get(summary.id)
-    assert [m["content"] for m in stored.messages if m["role"] == "user"] == ["Hello", "Again", "Third"]
+    assert [m["content"] for m in stored.messages if m["role"] == "user"] == ["Hello", "Again", "Third", "Fourth"]
     assert stored.messages[-1]["thinking"] is False  # the resumed chat kept its thinking mode
 
 
