@@ -19,6 +19,15 @@ GOLDEN = TESTS / "golden"
 CLI = [sys.executable, "-m", "cascade_local"]
 
 
+@pytest.fixture(autouse=True)
+def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test (and every command it runs) gets its own CASCADE_LOCAL_HOME: chats are logged there by default,
+    and no test may write into the user's real folder."""
+    folder = tmp_path / "cascade-home"
+    monkeypatch.setenv("CASCADE_LOCAL_HOME", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return TINY

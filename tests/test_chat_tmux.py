@@ -69,14 +69,15 @@ class Pane:
         self.tmux("kill-server")
 
 
-def start_chat(tmp_path: Path, model: Path, *extra: str) -> tuple[Pane, Path, Path]:
+def start_chat(tmp_path: Path, model: Path, *extra: str, tag: str = "") -> tuple[Pane, Path, Path]:
+    """A chat in its own tmux server; chats started with different tags share the home folder."""
     home = tmp_path / "home"
-    rc = tmp_path / "rc"
+    rc = tmp_path / f"rc{tag}"
     command = " ".join(shlex.quote(a) for a in [
         "env", "-u", "NO_COLOR", "-u", "FORCE_COLOR", "-u", "COLUMNS", "-u", "LINES", f"CASCADE_LOCAL_HOME={home}",
         sys.executable, "-m", "cascade_local", "chat", str(model), "--temperature", "0", "--threads", "2", *extra])
     # The exit code is written to a file: the session itself ends with the chat.
-    return Pane(tmp_path / "tmux.sock", f"{command}; echo $? > {shlex.quote(str(rc))}"), home, rc
+    return Pane(tmp_path / f"tmux{tag}.sock", f"{command}; echo $? > {shlex.quote(str(rc))}"), home, rc
 
 
 @pytest.fixture
@@ -163,3 +164,148 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(endless_chat_pane, tm
     while pane.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pane.alive() and rc.read_text().strip() == "0"
+
+
+def _wait_exit(pane: Pane, rc: Path, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while pane.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pane.alive(), "the chat did not end"
+    return rc.read_text().strip()
+
+
+def _still_alive(pane: Pane, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert pane.alive(), "the chat ended"
+        time.sleep(0.05)
+
+
+LEAVE_HINT = "Ctrl-C again or Ctrl-D to leave"
+
+
+@pytest.fixture
+def quick_chat_pane(tmp_path, tiny_gguf):
+    """Short answers without thinking: an answer ends a few milliseconds after the question."""
+    pane, home, rc = start_chat(tmp_path, tiny_gguf("q8_0"), "--max-tokens", "8", "--no-think")
+    try:
+        yield pane, home, rc
+    finally:
+        pane.close()
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_then_warns_before_leaving(quick_chat_pane):
+    pane, _, rc = quick_chat_pane
+    pane.wait_prompts(1)
+    pane.type("half a thought", enter=False)
+    pane.wait(lambda s: re.search(r"^>>> half a thought", s, re.M), "the typed text")
+    pane.key("C-c")  # typed text: the line is cleared, nothing else happens
+    pane.wait(lambda s: not re.search(r"^>>> half a thought", s, re.M), "the cleared line")
+    _still_alive(pane, 0.5)
+    assert LEAVE_HINT not in pane.screen()
+
+    pane.key("C-c")  # an empty line: a warning only
+    pane.wait(lambda s: s.count(LEAVE_HINT) == 1, "the warning")
+    _still_alive(pane, 2.5)  # a second Ctrl-C after the window only warns again
+    pane.key("C-c")
+    pane.wait(lambda s: s.count(LEAVE_HINT) == 2, "the second warning")
+    _still_alive(pane, 0.3)
+    pane.key("C-c")  # within the window: the chat ends, as a normal exit
+    assert _wait_exit(pane, rc) == "0"
+
+
+def test_ctrl_d_leaves_at_once(quick_chat_pane):
+    pane, _, rc = quick_chat_pane
+    pane.wait_prompts(1)
+    pane.key("C-d")
+    assert _wait_exit(pane, rc, timeout=5) == "0"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3])
+def test_a_ctrl_c_just_after_an_answer_never_ends_the_chat(quick_chat_pane, delay):
+    """The race: Ctrl-C meant for an answer that has already ended, landing between turns or on the prompt."""
+    pane, _, rc = quick_chat_pane
+    pane.wait_prompts(1)
+    for n in range(1, 4):
+        pane.type(f"question {n}")
+        time.sleep(delay)
+        pane.key("C-c")
+        pane.wait_prompts(n + 1)
+        _still_alive(pane, 0.3)
+    # Once the answer's stats line is on the screen: the next Ctrl-C lands on the fresh prompt.
+    pane.type("question 4")
+    pane.wait(lambda s: re.search(r"^>>> question 4\n(.*\n)*.*tok/s", s, re.M), "the answer to question 4")
+    pane.key("C-c")
+    pane.wait(lambda s: LEAVE_HINT in s.split(">>> question 4", 1)[1], "the warning")
+    _still_alive(pane, 0.3)
+    pane.type("question 5")  # the chat goes on
+    pane.wait(lambda s: re.search(r"^>>> question 5\n(.*\n)*.*tok/s", s, re.M), "the answer to question 5")
+    pane.type("/exit")
+    assert _wait_exit(pane, rc) == "0"
+
+
+def _history(home: Path):
+    from cascade_local.history import HistoryStore, connect
+
+    return HistoryStore(connect(home / "history.db"))
+
+
+def test_a_chat_killed_with_kill_9_keeps_every_finished_message(endless_chat_pane, tmp_path, tiny_gguf):
+    import os
+    import signal
+
+    import psutil
+    from conftest import run_cli
+
+    pane, home, _ = endless_chat_pane
+    pane.wait_prompts(1)
+    pane.type("first question")
+    pane.wait(lambda s: len(s.split(">>> first question\n", 1)[-1].strip()) > 20, "the first answer")
+    pane.key("C-c")  # an answer stopped by Ctrl-C is a finished message: it stays
+    pane.wait_prompts(2)
+    pane.type("second question")
+    pane.wait(lambda s: len(s.split(">>> second question\n", 1)[-1].strip()) > 20, "the second answer")
+    shell = psutil.Process(int(pane.tmux("display", "-p", "-t", "chat", "#{pane_pid}").stdout))
+    [chat] = [p for p in shell.children(recursive=True) if "cascade_local" in " ".join(p.cmdline())]
+    os.kill(chat.pid, signal.SIGKILL)  # mid-answer
+    chat.wait(10)
+
+    [summary] = _history(home).summaries()
+    stored = _history(home).get(summary.id)
+    assert [(m["role"], m["content"][:15]) for m in stored.messages[::2]] == [
+        ("user", "first question"), ("user", "second question")]
+    assert stored.messages[1]["role"] == "assistant" and stored.messages[1]["content"]
+    assert len(stored.messages) == 3  # only the answer in progress is lost
+
+    resumed = run_cli("chat", str(tiny_gguf("q8_0")), "--continue", "--max-tokens", "4", "--no-think",
+                      input="third question\n", env={"CASCADE_LOCAL_HOME": str(home)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"conversation {summary.id} (2 questions, 3 messages)" in resumed.stderr
+    after = _history(home).get(summary.id).messages
+    assert [m["content"] for m in after[:3]] == [m["content"] for m in stored.messages]
+    assert [m["role"] for m in after[3:]] == ["user", "assistant"] and after[3]["content"] == "third question"
+
+
+def test_two_chats_at_once_each_keep_their_own_conversation(tmp_path, tiny_gguf):
+    model = tiny_gguf("q8_0")
+    panes = [start_chat(tmp_path, model, "--max-tokens", "8", "--no-think", tag=tag)[0] for tag in ("a", "b")]
+    try:
+        for pane in panes:
+            pane.wait_prompts(1)
+        for n in range(1, 4):
+            for name, pane in zip("ab", panes, strict=True):
+                pane.type(f"chat {name} question {n}")
+        for pane in panes:
+            pane.wait_prompts(4)
+            pane.wait(lambda s: len(STATS.findall(s)) >= 3, "three answers")
+    finally:
+        for pane in panes:
+            pane.close()
+    store = _history(tmp_path / "home")
+    summaries = store.summaries()
+    assert sorted(s.first for s in summaries) == ["chat a question 1", "chat b question 1"]
+    for s in summaries:
+        name = s.first.split()[1]
+        messages = store.get(s.id).messages
+        assert [m["content"] for m in messages[::2]] == [f"chat {name} question {n}" for n in (1, 2, 3)]
+        assert all(m["role"] == "assistant" and m["completion_tokens"] == 8 for m in messages[1::2])

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from rich.console import Console
 
-from cascade_local.cli.chat_ui import ChatSession, TurnView, help_text, parse_slash, run_chat
+from cascade_local.cli.chat import ChatSession, TurnView, help_text, parse_slash, run_chat
 from cascade_local.conversation import Conversation, TurnSettings
 from cascade_local.sampling import SamplingParams
 from cascade_local.tools import PYTHON_TOOL_NAME, CallRecord, LoopEvent
@@ -128,7 +128,7 @@ def test_a_scripted_tool_call_runs_in_the_chat_kernel_and_clear_ends_it(tiny_ggu
 
 
 def test_the_confirmation_runs_only_on_yes():
-    from cascade_local.cli.chat_ui import ask_to_run
+    from cascade_local.cli.chat import ask_to_run
 
     def eof() -> str:
         raise EOFError
@@ -139,3 +139,41 @@ def test_the_confirmation_runs_only_on_yes():
     assert not ask_to_run(console, lambda: "")(None) and not ask_to_run(console, lambda: "no")(None)
     assert not ask_to_run(console, eof)(None)
     assert "Run this code? [y/N]" in err.getvalue()
+
+
+def test_a_tool_turn_is_logged_with_its_call_and_output(tiny_gguf, tmp_path):
+    from cascade_local.cli.chat.record import ChatRecorder
+    from cascade_local.engine import Engine
+    from cascade_local.history import ConversationLog, HistoryStore, connect
+    from cascade_local.llama_model import LoadedModel
+    from cascade_local.testing.scripted import ScriptedSampler
+
+    model = LoadedModel(tiny_gguf("q8_0"))
+    rounds = iter([model.tokenize(CALL), [*model.tokenize("42"), IM_END]])
+    logged_before_round: list[list[str]] = []
+
+    def sampler(params):
+        # What another process reads from the history when each round starts: the call is there before the answer.
+        logged_before_round.append([m["role"] for s in HistoryStore(connect(tmp_path / "h.db")).summaries()
+                                    for m in HistoryStore(connect(tmp_path / "h.db")).get(s.id).messages])
+        return ScriptedSampler(next(rounds, [IM_END]), then=IM_END)
+
+    engine = Engine(model, n_ctx=1024, threads=2, sampler_factory=sampler)
+    err = Console(file=io.StringIO(), width=200)
+    log = ConversationLog(connect(tmp_path / "h.db"), model=str(model.path))
+    session = ChatSession(Conversation(engine), TurnSettings(thinking=False, max_tokens=200),
+                          lambda thinking: SamplingParams(), out=Console(file=io.StringIO()), err=err,
+                          confirm=lambda call: True, recorder=ChatRecorder(log, err))
+    session.enable_tools()
+    try:
+        assert session.turn("What is 6*7?") is not None
+    finally:
+        session.close()
+    assert logged_before_round == [["user"], ["user", "assistant", "tool"]]
+    stored = HistoryStore(connect(tmp_path / "h.db")).get(log.id)
+    assert [m["role"] for m in stored.messages] == ["user", "assistant", "tool", "assistant"]
+    call = stored.messages[1]["tool_calls"][0]["function"]
+    assert call["name"] == PYTHON_TOOL_NAME and call["arguments"] == {"code": "print(6*7)"}
+    assert stored.messages[2]["content"] == "42" and stored.messages[3]["content"] == "42"
+    assert stored.messages[3]["completion_tokens"] > 0
+    assert stored.chat_messages() == session.conversation.messages  # reloads exactly as the chat holds it

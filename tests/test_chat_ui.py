@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,15 +16,15 @@ from rich.markdown import Markdown
 
 from cascade_local import transcript
 from cascade_local.chat_template import ChatTemplate
-from cascade_local.cli.chat_ui import (
+from cascade_local.cli.chat import (
     COMMANDS,
     ChatSession,
     Command,
     MarkdownBlocks,
     MarkdownStream,
     SlashError,
-    _exchange,
     block_is_open,
+    exchange_messages,
     help_text,
     interpret,
     parse_slash,
@@ -33,6 +34,8 @@ from cascade_local.cli.chat_ui import (
     terminal_safe,
     thought_summary,
 )
+from cascade_local.cli.chat.interrupts import Interrupts
+from cascade_local.cli.chat.loop import LEAVE_HINT, LEAVE_WINDOW
 from cascade_local.conversation import Conversation, TurnSettings
 from cascade_local.engine import Event, Result
 from cascade_local.llama_model import default_template
@@ -70,7 +73,7 @@ def test_parse_slash(line, expected):
     ("/budget -3", "usage: /budget N|off"),
     ("/save", "usage: /save FILE [--force]"),
     ("/save my chat.json", "usage: /save FILE [--force] (quote a name that has spaces)"),
-    ("/load a.json --force", "usage: /load FILE"),
+    ("/load a.json --force", "usage: /load FILE|ID"),
     ("/save 'unclosed", "/save: No closing quotation"),
     ("/clear now", "/clear takes no argument"),
     ("/usr/bin/env", 'unknown command /usr/bin/env; /help lists them (to send a message that starts with /, wrap it'),
@@ -262,7 +265,7 @@ def test_transcript_round_trip(tmp_path):
 def test_transcript_round_trip_of_a_tool_turn(tmp_path):
     # The messages a tool round adds, as the chat itself builds them, between a system message and a final answer.
     call = CallRecord("stateful_python_code_exec", {"code": "print(6 * 7)"}, "42\n")
-    exchange = _exchange(call, {"content": "Let me compute.", "reasoning": "Use Python."})
+    exchange = exchange_messages(call, {"content": "Let me compute.", "reasoning": "Use Python."})
     history = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "6 times 7?"}, *exchange,
                {"role": "assistant", "content": "42.", "reasoning_content": "It printed 42."}]
     assert [m["role"] for m in history] == ["system", "user", "assistant", "tool", "assistant"]
@@ -421,9 +424,47 @@ def test_a_bad_load_keeps_the_chat_going(tmp_path, capsys):
     assert [m["content"] for m in session.conversation.messages if m["role"] == "user"] == ["Hi", "Still here?"]
 
 
-def test_ctrl_c_at_the_prompt_leaves_with_0():
-    session, _ = _session()
-    assert run_chat(session, _script("Hi", KeyboardInterrupt, "never read")) == 0
+def _clock(*times):
+    """A scripted monotonic clock: the times at which each Ctrl-C at the prompt is pressed."""
+    ticks = iter(times)
+    return lambda: next(ticks)
+
+
+def test_one_ctrl_c_at_the_prompt_only_warns():
+    session, err = _session()
+    assert run_chat(session, _script("Hi", KeyboardInterrupt, "Again", "/exit"), clock=_clock(100.0)) == 0
+    assert session.conversation.asked == [("Hi", True), ("Again", True)]
+    assert err.getvalue().count(LEAVE_HINT) == 1
+
+
+def test_two_ctrl_c_within_the_window_leave_with_0():
+    session, err = _session()
+    script = _script("Hi", KeyboardInterrupt, KeyboardInterrupt, "never read")
+    assert run_chat(session, script, clock=_clock(100.0, 100.0 + LEAVE_WINDOW - 0.1)) == 0
+    assert session.conversation.asked == [("Hi", True)] and err.getvalue().count(LEAVE_HINT) == 1
+
+
+def test_a_ctrl_c_after_the_window_or_after_an_input_warns_again():
+    session, err = _session()
+    script = _script(KeyboardInterrupt, KeyboardInterrupt, "Hi", KeyboardInterrupt, KeyboardInterrupt)
+    assert run_chat(session, script, clock=_clock(100.0, 100.0 + LEAVE_WINDOW + 0.5, 103.0, 103.5)) == 0
+    assert session.conversation.asked == [("Hi", True)] and err.getvalue().count(LEAVE_HINT) == 3
+
+
+def test_sigint_raises_only_while_armed():
+    """A real SIGINT to this process: dropped outside armed sections (the race after an answer), raised inside."""
+    import os
+    import signal
+
+    interrupts = Interrupts()
+    with interrupts.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes
+        assert interrupts.dropped == 1
+        with pytest.raises(KeyboardInterrupt), interrupts.armed():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_failed_turn_leaves_no_trace_and_the_chat_goes_on(capsys):

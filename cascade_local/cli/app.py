@@ -69,6 +69,10 @@ def _register_serve() -> None:
 
     app.command("serve")(serve_cmd.serve)
 
+    from cascade_local.cli import logs_cmd
+
+    app.add_typer(logs_cmd.logs_app, name="logs")
+
 
 def _stdout_gone() -> bool:
     if type(sys.stdout).__name__ == "PacifyFlushWrapper":

@@ -40,6 +40,11 @@ def chat(
                                      "reasons: python (runs its code in a local Jupyter kernel, asking before each "
                                      "call). /tools on|off switches them."),
     yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking."),
+    continue_: bool = typer.Option(False, "--continue", "-c", help="Go on with the last logged chat."),
+    resume: int | None = typer.Option(None, "--resume", metavar="ID", help="Go on with logged conversation ID "
+                                      "(cascade-local logs lists them)."),
+    no_log: bool = typer.Option(False, "--no-log", help="Do not keep this chat in the history (to turn logging "
+                                "off for good: \\[settings] log = false in models.toml)."),
 ) -> int:
     """Chat with a model in the terminal: the answer rendered as Markdown.
 
@@ -48,7 +53,7 @@ def chat(
 
     Slash commands (/help lists them, Tab completes them): /think on|off,
     /thinking show|hide, /budget N|off, /tools on|off, /system TEXT, /clear, /retry,
-    /save FILE [--force], /load FILE, /stats, /model, /exit.
+    /save FILE [--force], /load FILE|ID, /stats, /model, /exit.
 
     Multi-line: a line starting with \"\"\" opens a block; a line ending with
     \"\"\" closes and sends it. Inputs are remembered across sessions
@@ -59,15 +64,21 @@ def chat(
     call's code and output are shown, and you confirm each call (y/N; from a
     pipe, the next input line answers) unless --yes.
 
-    Ctrl-C stops an answer and keeps what was said. Ctrl-C or Ctrl-D at the
-    prompt leaves the chat, with exit code 0.
+    Ctrl-C stops an answer and keeps what was said. At the prompt Ctrl-C
+    clears the typed line; on an empty line it warns, and a second Ctrl-C
+    within 2 s leaves. Ctrl-D and /exit leave at once (exit code 0).
+
+    Every chat is kept in the history as it goes (cascade-local logs), unless
+    --no-log. --continue goes on with the last chat, --resume ID with any
+    logged one (/load ID too).
 
     Not on a terminal, the answer is written as plain text (stdout) and lines
     are read from stdin as they come, so the chat can be scripted.
 
     Example: cascade-local chat ./cascade2-q4.gguf --no-think
     """
-    from cascade_local.cli.chat_ui import ChatSession, history_file, plain_reader, run_chat, terminal_reader
+    from cascade_local.cli.chat import ChatSession, history_file, plain_reader, run_chat, terminal_reader
+    from cascade_local.cli.chat.record import open_recorder
     from cascade_local.cli.console import out_console
     from cascade_local.conversation import Conversation, TurnSettings
     from cascade_local.paths import home
@@ -79,6 +90,10 @@ def chat(
     plan = None
     remote = None
     conversation: Conversation | RemoteConversation
+    if (continue_ or resume is not None) and no_log:
+        from cascade_local.errors import UsageError
+
+        raise UsageError("--continue and --resume read the history: leave out --no-log")
     if tools is not None:
         from cascade_local.errors import UsageError
         from cascade_local.tools import make_tools
@@ -111,13 +126,18 @@ def chat(
                                   top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed,
                                   ignore_eos=ignore_eos)
 
+        model_name = str(conversation.model.path) if plan is not None else (model or endpoint)
+        recorder = None if no_log else open_recorder(err_console, model_name)
         session = ChatSession(conversation, TurnSettings(think, budget, max_tokens, sampling(think)),  # type: ignore[arg-type]
                               sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console,
-                              yes=yes)
+                              yes=yes, recorder=recorder)
+        resumed = session.resume(resume) if continue_ or resume is not None else None
         if tools is not None:
             session.enable_tools(tools)
         err_console.print(session.banner(), highlight=False)
         where = f"placement: {plan.verdict}" if plan is not None else f"served by {endpoint}"
         err_console.print(where, style="dim", highlight=False, markup=False)
+        if resumed is not None:
+            err_console.print(resumed.message, highlight=False, markup=False)
         read = terminal_reader(history_file(home())) if sys.stdin.isatty() else plain_reader()
         return run_chat(session, read)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,6 +59,8 @@ def run(
     tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
                                      "reasons: python (runs its code in a local Jupyter kernel; needs --yes)."),
     yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking (run cannot ask)."),
+    log: bool = typer.Option(False, "--log", help="Keep this exchange in the chat history (cascade-local logs); "
+                             "run is not logged otherwise."),
 ) -> None:
     """Answer one prompt: the answer goes to stdout, everything else to stderr.
 
@@ -80,16 +83,18 @@ def run(
     if tools is not None:
         _check_tools(tools, yes, endpoint, raw)
     if endpoint:
-        _run_remote(endpoint, spec, job, json_out, show_thinking)
+        _run_remote(endpoint, spec, job, json_out, show_thinking, log)
         return
     with err_console.status("loading"):
         engine, _ = open_engine(spec, ctx=ctx, threads=threads,
                                 placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
     with engine:  # context, then model, freed here: never left to the order of __del__ at exit
         if tools is not None:
-            _run_tools(engine, job, tools, json_out, show_thinking)
+            _run_tools(engine, job, tools, json_out, show_thinking, log)
             return
         result = _show(oneshot.stream(engine, job), json_out, show_thinking)
+        if log:
+            _log_exchange(str(engine.model.path), job, [], result)
         if json_out:
             write_stdout(json.dumps(oneshot.result_json(result, engine.model.path.name), ensure_ascii=False) + "\n")
         elif err_console.is_terminal:
@@ -98,7 +103,8 @@ def run(
                               style="dim", highlight=False)
 
 
-def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool) -> None:
+def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool,
+                log: bool = False) -> None:
     """`run --endpoint`: the same job, answered by a server that applies its own chat template."""
     from cascade_local import oneshot
     from cascade_local.endpoints import resolve_endpoint
@@ -113,6 +119,8 @@ def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool,
         events = engine.stream_chat(oneshot.build_messages(job.prompt, job.system), thinking=job.thinking,
                                     sampling=job.sampling, max_tokens=job.max_tokens)
         result = _show(events, json_out, show_thinking)
+    if log:
+        _log_exchange(engine.model or target.url, job, [], result)
     if json_out:
         name = engine.model or target.url
         write_stdout(json.dumps(oneshot.result_json(result, name), ensure_ascii=False) + "\n")
@@ -128,7 +136,8 @@ def _check_tools(tools: str, yes: bool, endpoint: str | None, raw: bool) -> None
         raise UsageError("--tools needs the local engine and the chat template: leave out --endpoint and --raw")
 
 
-def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_thinking: bool) -> None:
+def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_thinking: bool,
+               log: bool = False) -> None:
     """`run --tools`: the answer as usual; each call's code and output go to stderr."""
     from cascade_local.oneshot import build_messages
     from cascade_local.tools import ToolLoop, make_tools
@@ -150,10 +159,34 @@ def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_th
             elif event.kind == "done":
                 answer = event.answer
     assert answer is not None
+    if log:
+        from cascade_local.cli.chat.tools import answer_result
+
+        asked = len(build_messages(job.prompt, job.system))  # the calls and their output come after the question
+        _log_exchange(str(engine.model.path), job, answer.messages[asked:], answer_result(answer))
     if json_out:
         write_stdout(json.dumps({**answer.to_dict(), "model": engine.model.path.name}, ensure_ascii=False) + "\n")
     elif started:
         write_stdout("\n")
+
+
+def _log_exchange(model: str, job: OneShot, calls: list[dict], result: Result) -> None:
+    """`run --log`: the question, any tool calls with their output, and the answer, as one logged conversation.
+
+    The answer was given either way: a history that cannot be written is one warning line, not a failure.
+    """
+    from cascade_local.conversation import TurnSettings
+    from cascade_local.history import ConversationLog, HistoryError, connect
+
+    messages = [{"role": "user", "content": job.prompt}, *calls,
+                {"role": "assistant", "content": result.content.strip(), "reasoning_content": result.reasoning.strip()}]
+    try:
+        log = ConversationLog(connect(), source="run", model=model)
+        log.sync(messages, system=job.system, settings=TurnSettings(job.thinking, job.budget, job.max_tokens,
+                                                                    job.sampling), result=result)
+    except (HistoryError, sqlite3.Error) as exc:
+        err_console.print(f"warning: the exchange was not logged: {exc}", style="yellow", highlight=False,
+                          markup=False, soft_wrap=True)
 
 
 def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Result:
