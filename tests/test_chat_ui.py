@@ -24,7 +24,6 @@ from cascade_local.cli.chat import (
     MarkdownStream,
     SlashError,
     block_is_open,
-    exchange_messages,
     help_text,
     interpret,
     parse_slash,
@@ -36,6 +35,7 @@ from cascade_local.cli.chat import (
 )
 from cascade_local.cli.chat.interrupts import Interrupts
 from cascade_local.cli.chat.loop import LEAVE_HINT, LEAVE_WINDOW
+from cascade_local.cli.chat.tools import exchange_messages
 from cascade_local.conversation import Conversation, TurnSettings
 from cascade_local.engine import Event, Result
 from cascade_local.llama_model import default_template
