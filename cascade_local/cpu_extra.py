@@ -40,6 +40,7 @@ ENV = "CASCADE_LOCAL_CPU_EXTRA"
 ENV_MODES: dict[str, Mode | None] = {"auto": None, "on": "all", "repack": "repack", "off": "none"}
 REPACK = "CPU_REPACK"
 PROBE_TIMEOUT_S = 120
+NOT_STARTED = "the probe could not start"
 CACHE_VERSION = 1
 
 T = gguf.GGMLQuantizationType
@@ -137,6 +138,8 @@ def probe_buffer_type(name: str, *, command: list[str] | None = None) -> str:
                               text=True, timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return f"no answer within {PROBE_TIMEOUT_S} s"
+    except OSError as exc:  # the child could not start (a sandbox, a user without exec rights): assume the worst
+        return f"{NOT_STARTED}: {exc.strerror or exc}"
     if done.returncode < 0:
         try:
             return f"killed by {signal.Signals(-done.returncode).name}"
@@ -206,7 +209,8 @@ def verdict(*, refresh: bool = False) -> Verdict:
     results = {name: probe_buffer_type(name) for name in extras}
     mode, reason = decide(extras, results)
     found = Verdict(mode, reason, extras, results, "probe")
-    _write_cached(path, found)
+    if not any(why.startswith(NOT_STARTED) for why in results.values()):  # a machine fact, not a passing failure
+        _write_cached(path, found)
     return found
 
 

@@ -76,6 +76,14 @@ def test_a_child_killed_by_sigill_is_reported_as_such():
     assert probe_buffer_type("AMX", command=silent).startswith("exited 3 without an answer")
 
 
+def test_a_probe_that_cannot_start_counts_as_a_failure(tmp_path):
+    not_executable = tmp_path / "python"
+    not_executable.write_text("")
+    said = probe_buffer_type("AMX", command=[str(not_executable), "-m", "cascade_local.ggml_probe", "AMX"])
+    assert said.startswith("the probe could not start:")
+    assert decide(("CPU_REPACK",), {"CPU_REPACK": said})[0] == "none"
+
+
 def test_decisions():
     assert decide(("AMX", "CPU_REPACK"), {"AMX": "ok", "CPU_REPACK": "ok"})[0] == "all"
     mode, reason = decide(("AMX", "CPU_REPACK"), {"AMX": "killed by SIGILL", "CPU_REPACK": "ok"})
