@@ -108,13 +108,24 @@ class GpuBudget:
     source: str  # how the budget was set, for the plan's notes
 
 
-def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None) -> GpuBudget:
+def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None,
+                       rpc_devices: Sequence[Any] = ()) -> GpuBudget:
     """`--gpu-mem auto|SIZE` (and the planning aid `--assume-gpu SIZE`) -> the GPU budget to plan with.
 
     auto: the free memory of the first GPU as ggml reports it. SIZE: that much (0: CPU only). `assume_gpu`
     pretends a GPU with that much free memory exists, for planning on a machine without one; nothing is loaded.
+    `rpc_devices` (rpc.RpcDevice, from `--rpc`) replace this machine's GPUs: their reported free memory (the
+    server host's RAM), summed over the servers, counts like a GPU's.
     """
     wanted = None if gpu_mem.strip().lower() == "auto" else parse_size(gpu_mem)
+    if rpc_devices:
+        label = ", ".join(f"{d.name} ({d.endpoint})" for d in rpc_devices)
+        if wanted is not None:
+            return GpuBudget(True, wanted, label, "--gpu-mem")
+        if all(d.free == d.total for d in rpc_devices):  # ggml's CPU device reports all of RAM as free
+            return GpuBudget(True, sum(d.free for d in rpc_devices), label, "the RPC server's total RAM, which "
+                             "its CPU backend reports as free: cap it with --gpu-mem")
+        return GpuBudget(True, sum(d.free for d in rpc_devices), label, "free memory reported by the RPC server")
     if assume_gpu is not None:
         free = parse_size(assume_gpu)
         return GpuBudget(True, free if wanted is None else wanted, "an assumed GPU",
@@ -146,20 +157,45 @@ class TensorBuftOverride(ctypes.Structure):
 
 @dataclass
 class BuftOverrides:
-    """A NULL-terminated override array and everything it points to; keep this object alive while loading."""
+    """A NULL-terminated override array and everything it points to; keep this object alive while loading.
+
+    `devices` (ggml_backend_dev_t handles) become llama_model_params.devices, the devices llama.cpp offloads to,
+    in place of every GPU ggml registered; an RPC device (`cascade_local.rpc`) is used only when listed here.
+    """
 
     array: ctypes.Array  # of TensorBuftOverride, the last one {NULL, NULL}
     patterns: list[bytes]
     n_gpu_layers: int
+    devices: tuple[int, ...] | None = None  # None: llama.cpp's default, every GPU ggml registered
+    _device_array: ctypes.Array | None = None  # the NULL-terminated copy llama.cpp reads while loading
 
     @property
     def pointer(self) -> ctypes.c_void_p:
         return ctypes.cast(self.array, ctypes.c_void_p)
 
     def apply(self, params: Any) -> None:
-        """Set `tensor_buft_overrides` and `n_gpu_layers` on a `llama_model_params`."""
+        """Set `tensor_buft_overrides`, `n_gpu_layers` and `devices` on a `llama_model_params`.
+
+        Refuses (ModelLoadError) an override whose buffer belongs to a device llama.cpp will not use: llama.cpp
+        would abort the process when creating the context ("pre-allocated tensor in a buffer that cannot run").
+        """
+        self.check_targets()
         params.tensor_buft_overrides = self.pointer
         params.n_gpu_layers = self.n_gpu_layers
+        if self.devices is not None:
+            self._device_array = (ctypes.c_void_p * (len(self.devices) + 1))(*self.devices, None)
+            params.devices = ctypes.cast(self._device_array, ctypes.c_void_p)
+
+    def check_targets(self) -> None:
+        g = _ggml()
+        offload = self.devices if self.devices is not None else tuple(d.handle for d in gpu_devices())
+        allowed = {cpu_buffer_type(), *(buft for _, buft in extra_buffer_types())}
+        allowed |= {g["dev_buffer_type"](dev) for dev in offload}
+        for pattern, buft in _entries(self):
+            if buft not in allowed:
+                raise ModelLoadError(f"the tensor override {pattern.decode()} names the buffer "
+                                     f"{buffer_type_name(buft)}, whose device is not among the devices this model "
+                                     "is loaded on")
 
 
 def cpu_buffer_type() -> int:
@@ -201,8 +237,13 @@ def extra_buffer_types() -> list[tuple[str, int]]:
     return out
 
 
-def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: int = 0) -> BuftOverrides:
-    """[(regex, 'CPU' or 'GPU')] -> the NULL-terminated array llama_model_params.tensor_buft_overrides takes."""
+def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: int = 0,
+                          devices: Sequence[int] | None = None) -> BuftOverrides:
+    """[(regex, 'CPU' or 'GPU')] -> the NULL-terminated array llama_model_params.tensor_buft_overrides takes.
+
+    `devices`: the devices to offload to (llama_model_params.devices), e.g. an RPC server's; 'GPU' then means
+    the first of them. None: every GPU ggml registered, and 'GPU' is the first GPU.
+    """
     patterns = [regex.encode() for regex, _ in overrides]
     array = (TensorBuftOverride * (len(overrides) + 1))()
     cpu = gpu = None
@@ -211,10 +252,10 @@ def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: in
             cpu = cpu or cpu_buffer_type()
             array[i] = TensorBuftOverride(pattern, cpu)
         else:
-            gpu = gpu or gpu_buffer_type()
+            gpu = gpu or (_ggml()["dev_buffer_type"](devices[0]) if devices else gpu_buffer_type())
             array[i] = TensorBuftOverride(pattern, gpu)
     array[len(overrides)] = TensorBuftOverride(None, None)
-    return BuftOverrides(array, patterns, n_gpu_layers)
+    return BuftOverrides(array, patterns, n_gpu_layers, tuple(devices) if devices is not None else None)
 
 
 def _entries(overrides: BuftOverrides | None) -> list[tuple[bytes, int]]:
@@ -263,12 +304,16 @@ def with_forced_buffer(base: BuftOverrides | None, names: Sequence[str], buft: i
     for i, (pattern, target) in enumerate([(p, buft) for p in forced] + entries):
         array[i] = TensorBuftOverride(pattern, target)
     array[len(forced) + len(entries)] = TensorBuftOverride(None, None)
-    return BuftOverrides(array, forced + [p for p, _ in entries], n_gpu_layers)
+    return BuftOverrides(array, forced + [p for p, _ in entries], n_gpu_layers,
+                         base.devices if base is not None else None)
 
 
-def plan_overrides(plan: Plan) -> BuftOverrides:
-    """The overrides and n_gpu_layers of a plan, ready for `BuftOverrides.apply(model_params)`."""
-    return tensor_buft_overrides(plan.overrides, plan.n_gpu_layers)
+def plan_overrides(plan: Plan, devices: Sequence[int] | None = None) -> BuftOverrides:
+    """The overrides and n_gpu_layers of a plan, ready for `BuftOverrides.apply(model_params)`.
+
+    `devices`: the offload devices the plan was made for (an RPC server's), None for this machine's GPUs.
+    """
+    return tensor_buft_overrides(plan.overrides, plan.n_gpu_layers, devices)
 
 
 __all__ = [

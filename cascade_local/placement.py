@@ -407,9 +407,9 @@ class Plan:
         return (f"fits: {fmt_bytes(self.need(GPU))} on the GPU (of {fmt_bytes(self.gpu_budget)}, "
                 f"{fmt_bytes(self.headroom_gpu)} kept free), {fmt_bytes(self.need(CPU))} of RAM{ram}; {experts}")
 
-    def override_args(self) -> list[str]:
-        """The overrides as llama.cpp's `--override-tensor` values (GPU written as CUDA0, as llama.cpp users know)."""
-        return [f"{regex}={'CPU' if device == CPU else 'CUDA0'}" for regex, device in self.overrides]
+    def override_args(self, gpu_device: str = "CUDA0") -> list[str]:
+        """The overrides as llama.cpp's `--override-tensor` values (GPU written as CUDA0, or the device planned for)."""
+        return [f"{regex}={'CPU' if device == CPU else gpu_device}" for regex, device in self.overrides]
 
     def to_dict(self) -> dict[str, Any]:
         m = self.memory
