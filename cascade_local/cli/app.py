@@ -47,6 +47,7 @@ def _register() -> None:
         info_cmd,
         models_cmd,
         plan_cmd,
+        rpc_cmd,
         run_cmd,
     )
 
@@ -61,6 +62,7 @@ def _register() -> None:
     app.command("rm")(models_cmd.rm)
     app.command("doctor")(doctor_cmd.doctor)
     app.command("eval")(eval_cmd.eval_)
+    app.command("rpc-server")(rpc_cmd.rpc_server)
 
 
 def _stdout_gone() -> bool:

@@ -10,3 +10,5 @@ CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM.
 N_CPU_MOE = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM.")
 OVERRIDE_TENSOR = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE (CPU, CUDA0...), as llama.cpp's "
                                "-ot. Repeatable.")
+RPC = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT]", help="Pool other machines' memory: llama.cpp "
+                   "RPC servers (`cascade-local rpc-server` there) whose devices take the GPU's part of the plan.")

@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from cascade_local.cli import options
 from cascade_local.cli.console import out_console
 from cascade_local.devices import resolve_gpu_budget, system_memory
 from cascade_local.gguf_info import read_gguf
@@ -30,6 +31,7 @@ def plan(
     override_tensor: list[str] = typer.Option([], "--override-tensor", help="REGEX=DEVICE, as llama.cpp's -ot: "
                                               "tensors matching REGEX go to CPU or the GPU (CUDA0...). These win "
                                               "over everything else. Repeatable."),
+    rpc: str | None = options.RPC,
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     assume_gpu: str | None = typer.Option(None, "--assume-gpu", hidden=True, help="Planning aid: plan as if a GPU "
                                           "with this much free memory existed. Nothing is loaded."),
@@ -44,17 +46,22 @@ def plan(
     Example: cascade-local plan model.gguf --gpu-mem 8GiB --ctx 32768 --parallel 4
     """
     overrides = [pair for text in override_tensor for pair in parse_override(text)]
-    budget = resolve_gpu_budget(gpu_mem, assume_gpu)
+    from cascade_local.runtime import PlacementOptions, offload_devices
+
+    rpc_devices = offload_devices(PlacementOptions(rpc=(rpc,) if rpc else ())) or []
+    budget = resolve_gpu_budget(gpu_mem, assume_gpu, rpc_devices)
     gguf = read_gguf(resolve_model(model))
     result = plan_placement(gguf, gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel, cpu_moe=cpu_moe,
                             n_cpu_moe=n_cpu_moe, overrides=overrides, ram_bytes=system_memory()[1],
                             gpu_available=budget.available, gpu_name=budget.name)
     if json_:
-        payload = {**result.to_dict(), "gpu_source": budget.source}
+        payload = {**result.to_dict(), "gpu_source": budget.source,
+                   "rpc": [{"endpoint": d.endpoint, "device": d.name, "free": d.free, "total": d.total}
+                           for d in rpc_devices]}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     out_console.print(_table(result))
-    out_console.print(_settings(result, budget.source))
+    out_console.print(_settings(result, budget.source, rpc_devices[0].name if rpc_devices else "CUDA0"))
 
 
 def _cell(n: int) -> str:
@@ -88,7 +95,7 @@ def _table(plan: Plan) -> Table:
     return table
 
 
-def _settings(plan: Plan, source: str) -> Table:
+def _settings(plan: Plan, source: str, gpu_device: str = "CUDA0") -> Table:
     m = plan.memory
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -99,7 +106,7 @@ def _settings(plan: Plan, source: str) -> Table:
     grid.add_row("RAM", ram)
     grid.add_row("llama.cpp", f"n_gpu_layers={plan.n_gpu_layers} n_ctx={m.n_ctx} n_seq_max={m.n_seq_max} "
                               f"n_ubatch={m.n_ubatch} kv_unified=false")
-    grid.add_row("overrides", Text("\n".join(plan.override_args()) or "none"))
+    grid.add_row("overrides", Text("\n".join(plan.override_args(gpu_device)) or "none"))
     for note in plan.notes:
         grid.add_row("note", note)
     grid.add_row("verdict", plan.verdict)
