@@ -44,7 +44,8 @@ pytestmark = pytest.mark.skipif(not rpc_supported(), reason="this llama-cpp-pyth
 
 def start_server(port: int, *extra: str) -> subprocess.Popen:
     """`cascade-local rpc-server` on 127.0.0.1:port, returned once it answers the protocol's HELLO."""
-    proc = subprocess.Popen([*CLI, "rpc-server", "--port", str(port), "--threads", "2", *extra],
+    # One server thread: on 2 cores, server and client threads that outnumber the cores spin against each other.
+    proc = subprocess.Popen([*CLI, "rpc-server", "--port", str(port), "--threads", "1", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while True:
