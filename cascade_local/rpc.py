@@ -12,6 +12,7 @@ line) instead. The protocol has no authentication: whoever reaches the port can 
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import socket
 import struct
@@ -159,6 +160,41 @@ def _require() -> dict[str, Any]:
     return funcs
 
 
+ABORT_EXIT_CODE = 2
+_abort_hook: Any = None  # the ctypes callback ggml holds: kept alive for the life of the process
+
+
+def exit_cleanly_on_ggml_abort() -> None:
+    """Makes ggml's aborts one line on stderr and exit 2, instead of SIGABRT and a backtrace.
+
+    With a model on an RPC server, a server that dies or drops the connection mid-computation makes ggml's RPC
+    client abort (RPC_STATUS_ASSERT, in its dispatcher thread). C cannot raise into Python and ggml's state is
+    undefined after it, so the process must end: ggml_set_abort_callback lets it end as a command's error does.
+    The callback only writes and exits (no Python that could raise inside C).
+    """
+    global _abort_hook
+    if _abort_hook is not None:
+        return
+    import llama_cpp.llama_cpp as lib
+
+    hook_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+    def on_abort(message: bytes | None) -> None:
+        try:
+            text = (message or b"").decode("utf-8", "replace").strip()
+            what = text.split(": ", 1)[-1]  # ggml writes "file:line: message"
+            # A newline first: the process may die in the middle of a line of streamed output.
+            os.write(2, f"\nerror: llama.cpp stopped the process: {what} (is the RPC server still running and "
+                        "reachable?)\n".encode())
+        finally:
+            os._exit(ABORT_EXIT_CODE)
+
+    _abort_hook = hook_type(on_abort)
+    setter = lib._lib["ggml_set_abort_callback"]
+    setter.restype, setter.argtypes = ctypes.c_void_p, [hook_type]
+    setter(_abort_hook)
+
+
 @dataclass(frozen=True)
 class RpcDevice:
     """One device of an RPC server, as ggml registered it in this process."""
@@ -180,6 +216,7 @@ def connect(endpoints: Sequence[str], timeout: float = 5.0) -> list[RpcDevice]:
     funcs = _require()
     from cascade_local.devices import _ggml
 
+    exit_cleanly_on_ggml_abort()
     g = _ggml()
     devices = []
     for endpoint in endpoints:

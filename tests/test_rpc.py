@@ -346,6 +346,40 @@ def test_unreachable_server_is_one_line_and_exit_2(tiny_gguf, tmp_path, command)
     assert "Traceback" not in done.stderr
 
 
+def connected(port: int) -> bool:
+    """Whether a client holds a connection to the server on `port` (the kernel's view, through ss)."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                         text=True, check=True).stdout
+    return bool(out.strip())
+
+
+def test_a_server_that_dies_mid_answer_ends_the_client_with_one_line(tiny_gguf, tmp_path):
+    port = free_port()
+    server = start_server(port)
+    args = ["chat", str(tiny_gguf("q8_0")), "--rpc", f"127.0.0.1:{port}", "--temperature", "0", "--ignore-eos",
+            "--max-tokens", "100000", "--ctx", "65536", "--no-think", "--threads", "1"]
+    (tmp_path / "said").write_text("Hello\n")
+    with (tmp_path / "said").open() as said:
+        client = subprocess.Popen([*CLI, *args], stdin=said, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not connected(port) and client.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # loaded and generating: the answer is tens of thousands of tokens long
+        assert client.poll() is None, client.communicate()
+        server.kill()
+        _, err = client.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 2, (client.returncode, err)  # never -6 (SIGABRT)
+    assert err.strip().splitlines()[-1].startswith("error: llama.cpp stopped the process: Remote RPC server crashed")
+    assert "Traceback" not in err
+
+
 def test_a_budget_too_small_for_the_dense_part_is_refused(tiny_gguf, rpc_endpoint):
     done = run_cli("run", str(tiny_gguf("q8_0")), "Hi", "--rpc", rpc_endpoint, "--gpu-mem", "1MiB")
     assert done.returncode == 2 and "too small for the dense part" in done.stderr
