@@ -309,6 +309,7 @@ def test_plan_with_rpc_shows_the_device(tiny_gguf, rpc_endpoint):
     assert plan["expert_layers"] == {"gpu": [4], "cpu": [1]}
     table = run_cli("plan", str(tiny_gguf("q8_0")), "--rpc", rpc_endpoint, "--cpu-moe")
     assert table.returncode == 0 and f"RPC0 ({rpc_endpoint})" in table.stdout
+    assert re.search(r"^\s*class\s+tensors\s+RPC0\s+RAM\s*$", table.stdout, re.MULTILINE)  # the device's column
     assert "=RPC0" not in table.stdout and "exps=CPU" in table.stdout
 
 
@@ -347,10 +348,9 @@ def test_unreachable_server_is_one_line_and_exit_2(tiny_gguf, tmp_path, command)
 
 
 def connected(port: int) -> bool:
-    """Whether a client holds a connection to the server on `port` (the kernel's view, through ss)."""
-    out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} )"], capture_output=True,
-                         text=True, check=True).stdout
-    return bool(out.strip())
+    """Whether a client holds a connection to the server on `port`: an ESTABLISHED row in /proc/net/tcp."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return any(row[1].endswith(f":{port:04X}") and row[3] == "01" for row in rows)
 
 
 def test_a_server_that_dies_mid_answer_ends_the_client_with_one_line(tiny_gguf, tmp_path):

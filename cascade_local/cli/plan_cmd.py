@@ -60,7 +60,7 @@ def plan(
                            for d in rpc_devices]}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    out_console.print(_table(result))
+    out_console.print(_table(result, "+".join(d.name for d in rpc_devices) or "GPU"))
     out_console.print(_settings(result, budget.source, rpc_devices[0].name if rpc_devices else "CUDA0"))
 
 
@@ -68,13 +68,13 @@ def _cell(n: int) -> str:
     return fmt_bytes(n) if n else "—"
 
 
-def _table(plan: Plan) -> Table:
+def _table(plan: Plan, device: str = "GPU") -> Table:
     m = plan.memory
     table = Table(title=f"{plan.parallel} sequence{'s' * (plan.parallel > 1)} × ctx {plan.ctx}", box=box.SIMPLE,
                   title_justify="left", show_footer=True)
     table.add_column("class", footer="total")
     table.add_column("tensors", justify="right")
-    table.add_column("GPU", justify="right", footer=_cell(plan.need(GPU) + plan.headroom_gpu))
+    table.add_column(device, justify="right", footer=_cell(plan.need(GPU) + plan.headroom_gpu))
     table.add_column("RAM", justify="right", footer=_cell(plan.need(CPU) + plan.headroom_cpu))
     for c in plan.class_totals():
         table.add_row(c.cls, str(c.tensors), _cell(c.gpu), _cell(c.cpu))
