@@ -86,9 +86,12 @@ def overridden(lines: list[str], device: str) -> list[str]:
     return sorted(line.split()[1] for line in lines if "buffer type overridden to " + device in line)
 
 
-def buffer_mib(lines: list[str], what: str, device: str = "RPC0") -> float:
-    """The size llama.cpp logged for a buffer on a device ('RPC0[127.0.0.1:N] model buffer size =  1.23 MiB')."""
-    found = [re.search(r"= +([\d.]+) MiB", line) for line in lines if f"{device}[" in line and what in line]
+def buffer_mib(lines: list[str], what: str, device: str = "RPC0[") -> float:
+    """The size llama.cpp logged for a buffer on a device ('RPC0[127.0.0.1:N] model buffer size =  1.23 MiB').
+
+    A buffer type is named after the device's index on its server, so each server's is RPC0[ENDPOINT].
+    """
+    found = [re.search(r"= +([\d.]+) MiB", line) for line in lines if device in line and what in line]
     assert found and found[-1], f"no '{device} {what}' line in llama.cpp's log"
     return float(found[-1].group(1))
 
@@ -298,6 +301,32 @@ def test_run_with_cpu_moe_keeps_experts_off_the_device(tiny_gguf, rpc_endpoint):
     assert overridden(lines, f"RPC0[{rpc_endpoint}]") == ["blk.4.ffn_down_exps.weight", "blk.4.ffn_up_exps.weight"]
     assert overridden(lines, "CPU") == ["blk.1.ffn_down_exps.weight", "blk.1.ffn_up_exps.weight"]
     assert pooled.stdout == run_cli(*args).stdout
+
+
+def test_two_servers_share_the_layers(tiny_gguf, rpc_endpoint):
+    """Two endpoints: the plan pools them, llama.cpp splits the offloaded layers between RPC0 and RPC1."""
+    port = free_port()
+    second = start_server(port)
+    try:
+        pair = f"{rpc_endpoint},127.0.0.1:{port}"
+        path = str(tiny_gguf("q8_0"))
+        args = ["run", path, "Hello there", "--temperature", "0", "--max-tokens", "12", "--no-think", "--threads", "1"]
+        pooled = run_cli(*args, "--rpc", pair, env={"CASCADE_LOCAL_LLAMA_LOG": "1"})
+        plan = json.loads(run_cli("plan", path, "--rpc", pair, "--ctx", "8192", "--json").stdout)
+    finally:
+        second.send_signal(signal.SIGINT)
+        second.wait(timeout=30)
+    assert pooled.returncode == 0, pooled.stderr
+    assert pooled.stdout == run_cli(*args).stdout
+    lines = pooled.stderr.splitlines()
+    first_mib, second_mib = (buffer_mib(lines, "model buffer size", f"[{e}]") for e in pair.split(","))
+    assert any("using device RPC1 (127.0.0.1:" in line for line in lines)
+    assert first_mib > 0 and second_mib > 0
+    assert [d["endpoint"] for d in plan["rpc"]] == pair.split(",")
+    assert plan["gpu"]["budget"] == sum(d["free"] for d in plan["rpc"])
+    # Together they hold what the plan put on "the GPU" (each buffer is logged rounded to 0.01 MiB).
+    on_devices = sum(t["bytes"] for t in plan["tensors"] if t["device"] == GPU)
+    assert first_mib + second_mib == pytest.approx(on_devices / MiB, abs=0.02)
 
 
 def test_plan_with_rpc_shows_the_device(tiny_gguf, rpc_endpoint):
