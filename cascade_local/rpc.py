@@ -55,6 +55,20 @@ def parse_endpoints(text: str) -> list[str]:
     return out
 
 
+def check_override_devices(override_tensor: Sequence[str]) -> None:
+    """Refuses `-ot REGEX=RPC1` and above: the planner has one offload target, which is the first device (RPC0).
+
+    Sending those tensors to RPC0 instead would be a silent misplacement.
+    """
+    for text in override_tensor:
+        for item in text.split(","):
+            device = item.rpartition("=")[2]
+            match = re.fullmatch(r"RPC(\d+)", device, re.IGNORECASE)
+            if match and int(match.group(1)) != 0:
+                raise UsageError(f"--override-tensor '{item}': only the first RPC device, RPC0, can be named for "
+                                 f"now (the plan pools the servers and llama.cpp splits layers between them)")
+
+
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     return host, int(port)
@@ -259,6 +273,7 @@ def serve(host: str, port: int, *, threads: int, cache_dir: str | None = None) -
 
 
 __all__ = [
-    "DEFAULT_PORT", "RpcDevice", "RpcError", "connect", "free_port", "hello", "is_loopback", "parse_endpoints",
-    "rpc_supported", "serve", "served_devices", "split_endpoint",
+    "DEFAULT_PORT", "RpcDevice", "RpcError", "check_override_devices", "connect", "exit_cleanly_on_ggml_abort",
+    "free_port", "hello", "is_loopback", "parse_endpoints", "rpc_supported", "serve", "served_devices",
+    "split_endpoint",
 ]

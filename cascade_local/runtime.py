@@ -29,8 +29,9 @@ def offload_devices(placement: PlacementOptions) -> list[RpcDevice] | None:
     """The RPC servers' devices for `placement.rpc` (checked reachable first), or None: this machine's GPUs."""
     if not placement.rpc:
         return None
-    from cascade_local.rpc import connect, parse_endpoints
+    from cascade_local.rpc import check_override_devices, connect, parse_endpoints
 
+    check_override_devices(placement.override_tensor)
     return connect([e for text in placement.rpc for e in parse_endpoints(text)])
 
 

@@ -329,6 +329,13 @@ def test_two_servers_share_the_layers(tiny_gguf, rpc_endpoint):
     assert first_mib + second_mib == pytest.approx(on_devices / MiB, abs=0.02)
 
 
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_an_override_naming_a_later_rpc_device_is_refused(tiny_gguf, rpc_endpoint, command):
+    args = ["run", str(tiny_gguf("q8_0")), "Hi"] if command == "run" else ["plan", str(tiny_gguf("q8_0"))]
+    done = run_cli(*args, "--rpc", rpc_endpoint, "-ot", r"blk\.1\.ffn_up_exps=RPC1")
+    assert done.returncode == 1 and "only the first RPC device, RPC0, can be named" in done.stderr
+
+
 def test_plan_with_rpc_shows_the_device(tiny_gguf, rpc_endpoint):
     done = run_cli("plan", str(tiny_gguf("q8_0")), "--rpc", rpc_endpoint, "--n-cpu-moe", "2", "--json")
     assert done.returncode == 0, done.stderr

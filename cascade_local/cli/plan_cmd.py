@@ -28,7 +28,7 @@ def plan(
                                  "--cpu-moe)."),
     n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the expert weights of the first N layers "
                                          "on the CPU (llama.cpp's --n-cpu-moe)."),
-    override_tensor: list[str] = typer.Option([], "--override-tensor", help="REGEX=DEVICE, as llama.cpp's -ot: "
+    override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE, as llama.cpp's -ot: "
                                               "tensors matching REGEX go to CPU or the GPU (CUDA0...). These win "
                                               "over everything else. Repeatable."),
     rpc: str | None = options.RPC,
@@ -48,7 +48,7 @@ def plan(
     overrides = [pair for text in override_tensor for pair in parse_override(text)]
     from cascade_local.runtime import PlacementOptions, offload_devices
 
-    rpc_devices = offload_devices(PlacementOptions(rpc=(rpc,) if rpc else ())) or []
+    rpc_devices = offload_devices(PlacementOptions(override_tensor=override_tensor, rpc=(rpc,) if rpc else ())) or []
     budget = resolve_gpu_budget(gpu_mem, assume_gpu, rpc_devices)
     gguf = read_gguf(resolve_model(model))
     result = plan_placement(gguf, gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel, cpu_moe=cpu_moe,
