@@ -146,6 +146,17 @@ def test_a_server_of_another_protocol_is_refused():
         server.server_close()
 
 
+def test_a_busy_server_is_named_busy_not_waited_for(tiny_gguf, rpc_device, rpc_endpoint):
+    """A server serves one client at a time; ggml's add_server would wait for it without end."""
+    overrides = tensor_buft_overrides([(EXPERT_REGEX, GPU)], 0, [rpc_device.handle])
+    with LoadedModel(tiny_gguf("q8_0"), overrides=overrides):  # its buffers hold the server's one connection
+        started = time.monotonic()
+        with pytest.raises(RpcError, match=r"did not answer within 1 s .*another one connected"):
+            hello(rpc_endpoint, timeout=1)
+        assert time.monotonic() - started < 5
+    assert hello(rpc_endpoint, timeout=5)[0] == 7  # free again once the model is freed
+
+
 def test_server_stops_on_ctrl_c_and_refuses_a_taken_port():
     port = free_port()
     proc = start_server(port)
