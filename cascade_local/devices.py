@@ -167,7 +167,7 @@ class BuftOverrides:
     patterns: list[bytes]
     n_gpu_layers: int
     devices: tuple[int, ...] | None = None  # None: llama.cpp's default, every GPU ggml registered
-    _device_array: ctypes.Array | None = None  # the NULL-terminated copy llama.cpp reads while loading
+    _device_array: ctypes.Array[ctypes.c_void_p] | None = None  # the NULL-terminated copy llama.cpp reads
 
     @property
     def pointer(self) -> ctypes.c_void_p:
