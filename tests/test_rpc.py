@@ -335,9 +335,21 @@ def test_two_servers_share_the_layers(tiny_gguf, rpc_endpoint):
     assert first_mib > 0 and second_mib > 0
     assert [d["endpoint"] for d in plan["rpc"]] == pair.split(",")
     assert plan["gpu"]["budget"] == sum(d["free"] for d in plan["rpc"])
-    # Together they hold what the plan put on "the GPU" (each buffer is logged rounded to 0.01 MiB).
+    # Together they hold what the plan put on "the GPU" (each buffer is logged rounded to 0.01 MiB) ...
     on_devices = sum(t["bytes"] for t in plan["tensors"] if t["device"] == GPU)
     assert first_mib + second_mib == pytest.approx(on_devices / MiB, abs=0.02)
+    # ... and each holds the layers, weights, KV cache and Mamba state the plan gives it.
+    assert [d["endpoint"] for d in plan["devices"]] == pair.split(",")
+    for share in plan["devices"]:
+        logged = [line for line in lines if f"[{share['endpoint']}]" in line]
+        assert buffer_mib(logged, "model buffer size", "") == pytest.approx(share["weights"] / MiB, abs=0.01)
+        for what, key in (("KV buffer size", "kv_cache"), ("RS buffer size", "mamba_state")):
+            found = [line for line in logged if what in line]
+            assert (buffer_mib(found, what, "") if found else 0.0) == pytest.approx(share[key] / MiB, abs=0.01)
+        assigned = [int(m.group(1)) for m in (re.search(rf"layer +(\d+) assigned to device {share['device']},", line)
+                                               for line in lines) if m]
+        assert [il for il in assigned if il < TINY_LAYERS] == share["layers"]
+    assert sorted(il for share in plan["devices"] for il in share["layers"]) == list(range(TINY_LAYERS))
 
 
 @pytest.mark.parametrize("command", ["run", "plan"])

@@ -14,7 +14,18 @@ from cascade_local.cli import options
 from cascade_local.cli.console import out_console
 from cascade_local.devices import resolve_gpu_budget, system_memory
 from cascade_local.gguf_info import read_gguf
-from cascade_local.placement import CPU, DEFAULT_CTX, GPU, Plan, fmt_bytes, parse_override, plan_placement
+from cascade_local.placement import (
+    CPU,
+    DEFAULT_CTX,
+    GPU,
+    ModelShape,
+    Plan,
+    _ranges,
+    fmt_bytes,
+    parse_override,
+    plan_placement,
+    split_by_device,
+)
 from cascade_local.resolve import resolve_model
 
 
@@ -54,14 +65,24 @@ def plan(
     result = plan_placement(gguf, gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel, cpu_moe=cpu_moe,
                             n_cpu_moe=n_cpu_moe, overrides=overrides, ram_bytes=system_memory()[1],
                             gpu_available=budget.available, gpu_name=budget.name)
+    shares = split_by_device(result, ModelShape.from_gguf(gguf), [d.free for d in rpc_devices]) \
+        if rpc_devices and result.mode == GPU else []
     if json_:
         payload = {**result.to_dict(), "gpu_source": budget.source,
                    "rpc": [{"endpoint": d.endpoint, "device": d.name, "free": d.free, "total": d.total}
-                           for d in rpc_devices]}
+                           for d in rpc_devices],
+                   "devices": [{"device": rpc_devices[s.index].name, "endpoint": rpc_devices[s.index].endpoint,
+                                "layers": list(s.layers), "weights": s.weights, "kv_cache": s.kv,
+                                "mamba_state": s.state} for s in shares]}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     out_console.print(_table(result, "+".join(d.name for d in rpc_devices) or "GPU"))
-    out_console.print(_settings(result, budget.source, rpc_devices[0].name if rpc_devices else "CUDA0"))
+    grid = _settings(result, budget.source, rpc_devices[0].name if rpc_devices else "CUDA0")
+    for s in shares:  # the pool, divided as llama.cpp divides the offloaded layers
+        d = rpc_devices[s.index]
+        grid.add_row(d.name, f"{d.endpoint}: layers {_ranges(list(s.layers)) or 'none'}, weights "
+                     f"{fmt_bytes(s.weights)}, KV {fmt_bytes(s.kv)}, Mamba state {fmt_bytes(s.state)}")
+    out_console.print(grid)
 
 
 def _cell(n: int) -> str:
