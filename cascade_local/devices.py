@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from cascade_local.errors import ModelLoadError
+from cascade_local.errors import ModelLoadError, UsageError
 from cascade_local.placement import CPU, Plan, parse_size
 
 # enum ggml_backend_dev_type (ggml-backend.h)
@@ -106,6 +106,7 @@ class GpuBudget:
     nbytes: int
     name: str | None
     source: str  # how the budget was set, for the plan's notes
+    shares: tuple[int, ...] = ()  # with several RPC devices: each one's part of nbytes (llama.cpp's layer split)
 
 
 def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None,
@@ -117,15 +118,9 @@ def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None,
     `rpc_devices` (rpc.RpcDevice, from `--rpc`) replace this machine's GPUs: their reported free memory (the
     server host's RAM), summed over the servers, counts like a GPU's.
     """
-    wanted = None if gpu_mem.strip().lower() == "auto" else parse_size(gpu_mem)
     if rpc_devices:
-        label = ", ".join(f"{d.name} ({d.endpoint})" for d in rpc_devices)
-        if wanted is not None:
-            return GpuBudget(True, wanted, label, "--gpu-mem")
-        if all(d.free == d.total for d in rpc_devices):  # ggml's CPU device reports all of RAM as free
-            return GpuBudget(True, sum(d.free for d in rpc_devices), label, "the RPC server's total RAM, which "
-                             "its CPU backend reports as free: cap it with --gpu-mem")
-        return GpuBudget(True, sum(d.free for d in rpc_devices), label, "free memory reported by the RPC server")
+        return _rpc_budget(gpu_mem, rpc_devices)
+    wanted = None if gpu_mem.strip().lower() == "auto" else parse_size(gpu_mem)
     if assume_gpu is not None:
         free = parse_size(assume_gpu)
         return GpuBudget(True, free if wanted is None else wanted, "an assumed GPU",
@@ -140,6 +135,26 @@ def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None,
     if wanted is None:
         return GpuBudget(True, first.free, label, "free memory reported by the GPU")
     return GpuBudget(True, wanted, label, "--gpu-mem")
+
+
+def _rpc_budget(gpu_mem: str, rpc_devices: Sequence[Any]) -> GpuBudget:
+    """The pool of RPC devices: `--gpu-mem` is auto, one SIZE for the pool, or SIZE,SIZE... one per server."""
+    label = ", ".join(f"{d.name} ({d.endpoint})" for d in rpc_devices)
+    free = tuple(int(d.free) for d in rpc_devices)
+    if gpu_mem.strip().lower() == "auto":
+        # ggml's CPU device reports all of RAM as free
+        source = "the RPC servers' total RAM, which a CPU backend reports as free: cap it with --gpu-mem" \
+            if all(d.free == d.total for d in rpc_devices) else "free memory reported by the RPC servers"
+        return GpuBudget(True, sum(free), label, source, free)
+    sizes = tuple(parse_size(part) for part in gpu_mem.split(","))
+    if len(sizes) == 1:  # one budget for the pool, divided as llama.cpp divides layers: by free memory
+        return GpuBudget(True, sizes[0], label, "--gpu-mem", free)
+    if len(sizes) != len(rpc_devices):
+        raise UsageError(f"--gpu-mem {gpu_mem} gives {len(sizes)} budgets for {len(rpc_devices)} RPC devices: give "
+                         "one for all, or one per server in --rpc order")
+    if 0 in sizes:
+        raise UsageError(f"--gpu-mem {gpu_mem}: a server with a budget of 0 has nothing to do; leave it out of --rpc")
+    return GpuBudget(True, sum(sizes), label, "--gpu-mem, per server", sizes)
 
 
 # -- tensor_buft_overrides for llama_model_params --------------------------------------------------------------------
@@ -167,7 +182,9 @@ class BuftOverrides:
     patterns: list[bytes]
     n_gpu_layers: int
     devices: tuple[int, ...] | None = None  # None: llama.cpp's default, every GPU ggml registered
+    split: tuple[int, ...] | None = None  # llama_model_params.tensor_split, one share per device; None: free memory
     _device_array: ctypes.Array[ctypes.c_void_p] | None = None  # the NULL-terminated copy llama.cpp reads
+    _split_array: ctypes.Array[ctypes.c_float] | None = None
 
     @property
     def pointer(self) -> ctypes.c_void_p:
@@ -185,6 +202,13 @@ class BuftOverrides:
         if self.devices is not None:
             self._device_array = (ctypes.c_void_p * (len(self.devices) + 1))(*self.devices, None)
             params.devices = ctypes.cast(self._device_array, ctypes.c_void_p)
+        if self.split:
+            import llama_cpp
+
+            # llama.cpp reads llama_max_devices() floats; the shares are proportions, bytes are as good as any.
+            size = max(int(llama_cpp.llama_max_devices()), len(self.split))
+            self._split_array = (ctypes.c_float * size)(*(float(s) for s in self.split))
+            params.tensor_split = self._split_array
 
     def check_targets(self) -> None:
         g = _ggml()
@@ -238,7 +262,7 @@ def extra_buffer_types() -> list[tuple[str, int]]:
 
 
 def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: int = 0,
-                          devices: Sequence[int] | None = None) -> BuftOverrides:
+                          devices: Sequence[int] | None = None, split: Sequence[int] | None = None) -> BuftOverrides:
     """[(regex, 'CPU' or 'GPU')] -> the NULL-terminated array llama_model_params.tensor_buft_overrides takes.
 
     `devices`: the devices to offload to (llama_model_params.devices), e.g. an RPC server's; 'GPU' then means
@@ -255,7 +279,8 @@ def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: in
             gpu = gpu or (_ggml()["dev_buffer_type"](devices[0]) if devices else gpu_buffer_type())
             array[i] = TensorBuftOverride(pattern, gpu)
     array[len(overrides)] = TensorBuftOverride(None, None)
-    return BuftOverrides(array, patterns, n_gpu_layers, tuple(devices) if devices is not None else None)
+    return BuftOverrides(array, patterns, n_gpu_layers, tuple(devices) if devices is not None else None,
+                         tuple(split) if split else None)
 
 
 def _entries(overrides: BuftOverrides | None) -> list[tuple[bytes, int]]:
@@ -305,15 +330,17 @@ def with_forced_buffer(base: BuftOverrides | None, names: Sequence[str], buft: i
         array[i] = TensorBuftOverride(pattern, target)
     array[len(forced) + len(entries)] = TensorBuftOverride(None, None)
     return BuftOverrides(array, forced + [p for p, _ in entries], n_gpu_layers,
-                         base.devices if base is not None else None)
+                         base.devices if base is not None else None, base.split if base is not None else None)
 
 
-def plan_overrides(plan: Plan, devices: Sequence[int] | None = None) -> BuftOverrides:
+def plan_overrides(plan: Plan, devices: Sequence[int] | None = None,
+                   split: Sequence[int] | None = None) -> BuftOverrides:
     """The overrides and n_gpu_layers of a plan, ready for `BuftOverrides.apply(model_params)`.
 
-    `devices`: the offload devices the plan was made for (an RPC server's), None for this machine's GPUs.
+    `devices`: the offload devices the plan was made for (RPC servers'), None for this machine's GPUs; `split`:
+    each device's share of the offloaded layers (per-server budgets), None for llama.cpp's split by free memory.
     """
-    return tensor_buft_overrides(plan.overrides, plan.n_gpu_layers, devices)
+    return tensor_buft_overrides(plan.overrides, plan.n_gpu_layers, devices, split)
 
 
 __all__ = [

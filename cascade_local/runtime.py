@@ -66,13 +66,15 @@ def open_engine(spec: str | None, *, ctx: int = 8192, parallel: int = 1, threads
     """
     from pathlib import Path
 
-    from cascade_local.devices import plan_overrides
+    from cascade_local.devices import plan_overrides, resolve_gpu_budget
 
     placement = placement or PlacementOptions()
     devices = offload_devices(placement)
     plan = plan_for(spec, ctx=ctx, parallel=parallel, placement=placement, devices=devices)
     handles = [d.handle for d in devices] if devices is not None else None
-    model = LoadedModel(Path(plan.path), overrides=plan_overrides(plan, handles))
+    # Each RPC device's share of the offloaded layers: its budget (per-server --gpu-mem) or its free memory.
+    split = resolve_gpu_budget(placement.gpu_mem, rpc_devices=devices).shares if devices else None
+    model = LoadedModel(Path(plan.path), overrides=plan_overrides(plan, handles, split))
     try:
         engine = Engine(model, n_ctx=plan.memory.n_ctx, n_seq_max=parallel, threads=threads, owns_model=True)
     except BaseException:  # no context (or Ctrl-C while creating it): the model is ours to free

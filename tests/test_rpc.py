@@ -314,16 +314,18 @@ def test_run_with_cpu_moe_keeps_experts_off_the_device(tiny_gguf, rpc_endpoint):
     assert pooled.stdout == run_cli(*args).stdout
 
 
-def test_two_servers_share_the_layers(tiny_gguf, rpc_endpoint):
-    """Two endpoints: the plan pools them, llama.cpp splits the offloaded layers between RPC0 and RPC1."""
+@pytest.mark.parametrize("gpu_mem", ["auto", "1GiB,3GiB"])
+def test_two_servers_share_the_layers(tiny_gguf, rpc_endpoint, gpu_mem):
+    """Two endpoints: the plan pools them, llama.cpp splits the offloaded layers between RPC0 and RPC1 by their
+    free memory, or by the budgets given per server."""
     port = free_port()
     second = start_server(port)
     try:
         pair = f"{rpc_endpoint},127.0.0.1:{port}"
         path = str(tiny_gguf("q8_0"))
         args = ["run", path, "Hello there", "--temperature", "0", "--max-tokens", "12", "--no-think", "--threads", "1"]
-        pooled = run_cli(*args, "--rpc", pair, env={"CASCADE_LOCAL_LLAMA_LOG": "1"})
-        plan = json.loads(run_cli("plan", path, "--rpc", pair, "--ctx", "8192", "--json").stdout)
+        pooled = run_cli(*args, "--rpc", pair, "--gpu-mem", gpu_mem, env={"CASCADE_LOCAL_LLAMA_LOG": "1"})
+        plan = json.loads(run_cli("plan", path, "--rpc", pair, "--gpu-mem", gpu_mem, "--ctx", "8192", "--json").stdout)
     finally:
         second.send_signal(signal.SIGINT)
         second.wait(timeout=30)
@@ -334,7 +336,12 @@ def test_two_servers_share_the_layers(tiny_gguf, rpc_endpoint):
     assert any("using device RPC1 (127.0.0.1:" in line for line in lines)
     assert first_mib > 0 and second_mib > 0
     assert [d["endpoint"] for d in plan["rpc"]] == pair.split(",")
-    assert plan["gpu"]["budget"] == sum(d["free"] for d in plan["rpc"])
+    if gpu_mem == "auto":
+        assert plan["gpu"]["budget"] == sum(d["free"] for d in plan["rpc"])
+        assert [d["layers"] for d in plan["devices"]] == [[0, 1, 2], [3, 4]]  # equal free memory: halves
+    else:  # a quarter and three quarters of the 6 offloaded layers (5 and the output layer)
+        assert plan["gpu"]["budget"] == 4 * 1024**3
+        assert [d["layers"] for d in plan["devices"]] == [[0, 1], [2, 3, 4]]
     # Together they hold what the plan put on "the GPU" (each buffer is logged rounded to 0.01 MiB) ...
     on_devices = sum(t["bytes"] for t in plan["tensors"] if t["device"] == GPU)
     assert first_mib + second_mib == pytest.approx(on_devices / MiB, abs=0.02)
@@ -357,6 +364,11 @@ def test_an_override_naming_a_later_rpc_device_is_refused(tiny_gguf, rpc_endpoin
     args = ["run", str(tiny_gguf("q8_0")), "Hi"] if command == "run" else ["plan", str(tiny_gguf("q8_0"))]
     done = run_cli(*args, "--rpc", rpc_endpoint, "-ot", r"blk\.1\.ffn_up_exps=RPC1")
     assert done.returncode == 1 and "only the first RPC device, RPC0, can be named" in done.stderr
+
+
+def test_per_server_budgets_must_match_the_servers(tiny_gguf, rpc_endpoint):
+    done = run_cli("plan", str(tiny_gguf("q8_0")), "--rpc", rpc_endpoint, "--gpu-mem", "1GiB,2GiB")
+    assert done.returncode == 1 and "gives 2 budgets for 1 RPC devices" in done.stderr
 
 
 def test_plan_with_rpc_shows_the_device(tiny_gguf, rpc_endpoint):

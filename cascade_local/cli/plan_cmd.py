@@ -32,7 +32,8 @@ from cascade_local.resolve import resolve_model
 def plan(
     model: str = typer.Argument(..., help="A .gguf file, or a model name from the registry."),
     gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to plan for: auto (what the GPU reports "
-                                "free), a size such as 8GiB, 8GB or 8000MiB, or 0 for the CPU only."),
+                                "free), a size such as 8GiB, 8GB or 8000MiB, or 0 for the CPU only; with "
+                                "several --rpc servers, one size each is allowed (4GiB,2GiB)."),
     ctx: int = typer.Option(DEFAULT_CTX, "--ctx", help="Context length of each sequence, in tokens."),
     parallel: int = typer.Option(1, "--parallel", help="Sequences decoded together, each with --ctx tokens."),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights on the CPU (llama.cpp's "
@@ -65,7 +66,7 @@ def plan(
     result = plan_placement(gguf, gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel, cpu_moe=cpu_moe,
                             n_cpu_moe=n_cpu_moe, overrides=overrides, ram_bytes=system_memory()[1],
                             gpu_available=budget.available, gpu_name=budget.name)
-    shares = split_by_device(result, ModelShape.from_gguf(gguf), [d.free for d in rpc_devices]) \
+    shares = split_by_device(result, ModelShape.from_gguf(gguf), budget.shares) \
         if rpc_devices and result.mode == GPU else []
     if json_:
         payload = {**result.to_dict(), "gpu_source": budget.source,
