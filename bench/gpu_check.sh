@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: build llama-cpp-python with CUDA for this machine's GPU only, then run the real-width slice
-# with all experts in RAM, half of them on the GPU, and all on the GPU, and print one table.
+# with all experts in RAM, half of them on the GPU, and all on the GPU, and print one table. Then the placement
+# checks tests/test_rpc.py runs on a loopback RPC device, on the GPU (bench/placement_check.py): experts on it,
+# the whole model on it, two sequences planned for it, against CPU-only and the plan's figures.
 # Meant for a machine with one large NVIDIA GPU; about 10 minutes (the CUDA build is most of it).
 #
 #   bash bench/gpu_check.sh            # prints the table; also writes bench/out/gpu_check.md
@@ -19,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 # CUDA for the local GPU's architecture only: a fraction of the all-architectures build time.
-CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native" FORCE_CMAKE=1 \
+CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native -DGGML_RPC=ON" FORCE_CMAKE=1 \
   "$VENV/bin/pip" install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 "$VENV/bin/pip" install -q -e .
 PY="$VENV/bin/python"
@@ -57,3 +59,6 @@ print("| placement | planned VRAM GiB | load s | prompt tok/s (512) | generation
 print("|---|--:|--:|--:|--:|")
 print("\n".join(rows))
 PYEOF
+
+echo
+"$PY" bench/placement_check.py "$GGUF" | tee -a "$OUT/gpu_check.md"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from cascade_local.errors import ModelLoadError
+from cascade_local.errors import ModelLoadError, UsageError
 from cascade_local.placement import CPU, Plan, parse_size
 
 # enum ggml_backend_dev_type (ggml-backend.h)
@@ -106,14 +106,20 @@ class GpuBudget:
     nbytes: int
     name: str | None
     source: str  # how the budget was set, for the plan's notes
+    shares: tuple[int, ...] = ()  # with several RPC devices: each one's part of nbytes (llama.cpp's layer split)
 
 
-def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None) -> GpuBudget:
+def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None,
+                       rpc_devices: Sequence[Any] = ()) -> GpuBudget:
     """`--gpu-mem auto|SIZE` (and the planning aid `--assume-gpu SIZE`) -> the GPU budget to plan with.
 
     auto: the free memory of the first GPU as ggml reports it. SIZE: that much (0: CPU only). `assume_gpu`
     pretends a GPU with that much free memory exists, for planning on a machine without one; nothing is loaded.
+    `rpc_devices` (rpc.RpcDevice, from `--rpc`) replace this machine's GPUs: their reported free memory (the
+    server host's RAM), summed over the servers, counts like a GPU's.
     """
+    if rpc_devices:
+        return _rpc_budget(gpu_mem, rpc_devices)
     wanted = None if gpu_mem.strip().lower() == "auto" else parse_size(gpu_mem)
     if assume_gpu is not None:
         free = parse_size(assume_gpu)
@@ -131,6 +137,26 @@ def resolve_gpu_budget(gpu_mem: str = "auto", assume_gpu: str | None = None) -> 
     return GpuBudget(True, wanted, label, "--gpu-mem")
 
 
+def _rpc_budget(gpu_mem: str, rpc_devices: Sequence[Any]) -> GpuBudget:
+    """The pool of RPC devices: `--gpu-mem` is auto, one SIZE for the pool, or SIZE,SIZE... one per server."""
+    label = ", ".join(f"{d.name} ({d.endpoint})" for d in rpc_devices)
+    free = tuple(int(d.free) for d in rpc_devices)
+    if gpu_mem.strip().lower() == "auto":
+        # ggml's CPU device reports all of RAM as free
+        source = "the RPC servers' total RAM, which a CPU backend reports as free: cap it with --gpu-mem" \
+            if all(d.free == d.total for d in rpc_devices) else "free memory reported by the RPC servers"
+        return GpuBudget(True, sum(free), label, source, free)
+    sizes = tuple(parse_size(part) for part in gpu_mem.split(","))
+    if len(sizes) == 1:  # one budget for the pool, divided as llama.cpp divides layers: by free memory
+        return GpuBudget(True, sizes[0], label, "--gpu-mem", free)
+    if len(sizes) != len(rpc_devices):
+        raise UsageError(f"--gpu-mem {gpu_mem} gives {len(sizes)} budgets for {len(rpc_devices)} RPC devices: give "
+                         "one for all, or one per server in --rpc order")
+    if 0 in sizes:
+        raise UsageError(f"--gpu-mem {gpu_mem}: a server with a budget of 0 has nothing to do; leave it out of --rpc")
+    return GpuBudget(True, sum(sizes), label, "--gpu-mem, per server", sizes)
+
+
 # -- tensor_buft_overrides for llama_model_params --------------------------------------------------------------------
 
 
@@ -146,20 +172,54 @@ class TensorBuftOverride(ctypes.Structure):
 
 @dataclass
 class BuftOverrides:
-    """A NULL-terminated override array and everything it points to; keep this object alive while loading."""
+    """A NULL-terminated override array and everything it points to; keep this object alive while loading.
+
+    `devices` (ggml_backend_dev_t handles) become llama_model_params.devices, the devices llama.cpp offloads to,
+    in place of every GPU ggml registered; an RPC device (`cascade_local.rpc`) is used only when listed here.
+    """
 
     array: ctypes.Array[TensorBuftOverride]  # the last one {NULL, NULL}
     patterns: list[bytes]
     n_gpu_layers: int
+    devices: tuple[int, ...] | None = None  # None: llama.cpp's default, every GPU ggml registered
+    split: tuple[int, ...] | None = None  # llama_model_params.tensor_split, one share per device; None: free memory
+    _device_array: ctypes.Array[ctypes.c_void_p] | None = None  # the NULL-terminated copy llama.cpp reads
+    _split_array: ctypes.Array[ctypes.c_float] | None = None
 
     @property
     def pointer(self) -> ctypes.c_void_p:
         return ctypes.cast(self.array, ctypes.c_void_p)
 
     def apply(self, params: Any) -> None:
-        """Set `tensor_buft_overrides` and `n_gpu_layers` on a `llama_model_params`."""
+        """Set `tensor_buft_overrides`, `n_gpu_layers` and `devices` on a `llama_model_params`.
+
+        Refuses (ModelLoadError) an override whose buffer belongs to a device llama.cpp will not use: llama.cpp
+        would abort the process when creating the context ("pre-allocated tensor in a buffer that cannot run").
+        """
+        self.check_targets()
         params.tensor_buft_overrides = self.pointer
         params.n_gpu_layers = self.n_gpu_layers
+        if self.devices is not None:
+            self._device_array = (ctypes.c_void_p * (len(self.devices) + 1))(*self.devices, None)
+            params.devices = ctypes.cast(self._device_array, ctypes.c_void_p)
+        if self.split:
+            import llama_cpp
+
+            # llama.cpp reads llama_max_devices() floats; the shares are proportions, bytes are as good as any.
+            size = max(int(llama_cpp.llama_max_devices()), len(self.split))
+            self._split_array = (ctypes.c_float * size)(*(float(s) for s in self.split))
+            params.tensor_split = self._split_array
+
+    def check_targets(self) -> None:
+        g = _ggml()
+        offload = self.devices if self.devices is not None else tuple(d.handle for d in gpu_devices())
+        allowed = {cpu_buffer_type(), *(buft for _, buft in extra_buffer_types())}
+        allowed |= {g["dev_buffer_type"](dev) for dev in offload}
+        for pattern, buft in _entries(self):
+            if buft not in allowed:
+                raise ModelLoadError(f"the tensor override {pattern.decode()} names the buffer "
+                                     f"{buffer_type_name(buft)}, whose device is not among the devices this model "
+                                     "is loaded on")
 
 
 def cpu_buffer_type() -> int:
@@ -208,8 +268,13 @@ def extra_buffer_types() -> list[tuple[str, int]]:
     return out
 
 
-def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: int = 0) -> BuftOverrides:
-    """[(regex, 'CPU' or 'GPU')] -> the NULL-terminated array llama_model_params.tensor_buft_overrides takes."""
+def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: int = 0,
+                          devices: Sequence[int] | None = None, split: Sequence[int] | None = None) -> BuftOverrides:
+    """[(regex, 'CPU' or 'GPU')] -> the NULL-terminated array llama_model_params.tensor_buft_overrides takes.
+
+    `devices`: the devices to offload to (llama_model_params.devices), e.g. an RPC server's; 'GPU' then means
+    the first of them. None: every GPU ggml registered, and 'GPU' is the first GPU.
+    """
     patterns = [regex.encode() for regex, _ in overrides]
     array = (TensorBuftOverride * (len(overrides) + 1))()
     cpu = gpu = None
@@ -218,10 +283,11 @@ def tensor_buft_overrides(overrides: Sequence[tuple[str, str]], n_gpu_layers: in
             cpu = cpu or cpu_buffer_type()
             array[i] = TensorBuftOverride(pattern, cpu)
         else:
-            gpu = gpu or gpu_buffer_type()
+            gpu = gpu or (_ggml()["dev_buffer_type"](devices[0]) if devices else gpu_buffer_type())
             array[i] = TensorBuftOverride(pattern, gpu)
     array[len(overrides)] = TensorBuftOverride(None, None)
-    return BuftOverrides(array, patterns, n_gpu_layers)
+    return BuftOverrides(array, patterns, n_gpu_layers, tuple(devices) if devices is not None else None,
+                         tuple(split) if split else None)
 
 
 def _entries(overrides: BuftOverrides | None) -> list[tuple[bytes, int]]:
@@ -270,12 +336,18 @@ def with_forced_buffer(base: BuftOverrides | None, names: Sequence[str], buft: i
     for i, (pattern, target) in enumerate([(p, buft) for p in forced] + entries):
         array[i] = TensorBuftOverride(pattern, target)
     array[len(forced) + len(entries)] = TensorBuftOverride(None, None)
-    return BuftOverrides(array, forced + [p for p, _ in entries], n_gpu_layers)
+    return BuftOverrides(array, forced + [p for p, _ in entries], n_gpu_layers,
+                         base.devices if base is not None else None, base.split if base is not None else None)
 
 
-def plan_overrides(plan: Plan) -> BuftOverrides:
-    """The overrides and n_gpu_layers of a plan, ready for `BuftOverrides.apply(model_params)`."""
-    return tensor_buft_overrides(plan.overrides, plan.n_gpu_layers)
+def plan_overrides(plan: Plan, devices: Sequence[int] | None = None,
+                   split: Sequence[int] | None = None) -> BuftOverrides:
+    """The overrides and n_gpu_layers of a plan, ready for `BuftOverrides.apply(model_params)`.
+
+    `devices`: the offload devices the plan was made for (RPC servers'), None for this machine's GPUs; `split`:
+    each device's share of the offloaded layers (per-server budgets), None for llama.cpp's split by free memory.
+    """
+    return tensor_buft_overrides(plan.overrides, plan.n_gpu_layers, devices, split)
 
 
 __all__ = [

@@ -49,6 +49,7 @@ class MachineReport:
     llama_cpp_version: str
     backends: list[str]  # ggml backends in this build: CPU, CUDA, Vulkan, Metal, RPC...
     build: str  # "CPU-only", or the GPU backends
+    rpc: bool  # llama.cpp's RPC backend is in the build: `--rpc` and `rpc-server` work
     gpus: list[GpuReport]
     gpu_present: str | None  # a GPU seen outside llama.cpp (driver files), for a CPU-only build
     rebuild_command: str | None  # how to rebuild llama-cpp-python for the GPU that is present
@@ -104,7 +105,7 @@ def rebuild_command(gpu: str) -> str:
     """The command that rebuilds llama-cpp-python for that GPU in this environment (pip's cache would reuse
     the CPU-only wheel, hence --no-cache-dir)."""
     flags = {"NVIDIA": "-DGGML_CUDA=on", "AMD": "-DGGML_HIP=on", "Intel": "-DGGML_VULKAN=on",
-             "Apple": "-DGGML_METAL=on"}[gpu]
+             "Apple": "-DGGML_METAL=on"}[gpu] + " -DGGML_RPC=ON"  # keeps --rpc and rpc-server working
     return (f'CMAKE_ARGS="{flags}" {sys.executable} -m pip install --force-reinstall --no-deps --no-cache-dir '
             f"{LLAMA_CPP_PYTHON}")
 
@@ -153,6 +154,12 @@ def machine_report(*, check_hub: bool = True) -> MachineReport:
     notes = []
     if found.mode != "all":
         notes.append(f"set {ENV}=on to force every extra buffer type (only if the probe was wrong)")
+    from cascade_local.rpc import rpc_supported
+
+    rpc = rpc_supported()
+    if not rpc:
+        notes.append("no RPC backend in this build (--rpc, rpc-server): `make` builds llama-cpp-python with "
+                     "-DGGML_RPC=ON")
     if gpu_backends and not gpus:
         notes.append(f"this build has {', '.join(gpu_backends)} but ggml found no usable GPU: check the driver")
     import llama_cpp
@@ -163,7 +170,7 @@ def machine_report(*, check_hub: bool = True) -> MachineReport:
         cpu_extra_mode=found.mode, cpu_extra_reason=found.reason, cpu_extra_source=found.source,
         extra_buffer_types=list(found.extras), amx_in_use=found.amx, repacking_in_use=found.repacking,
         ram_total=total, ram_available=available, llama_cpp_version=llama_cpp.__version__,
-        backends=backends, build="CPU-only" if not gpu_backends else " + ".join(gpu_backends), gpus=gpus,
+        backends=backends, build="CPU-only" if not gpu_backends else " + ".join(gpu_backends), rpc=rpc, gpus=gpus,
         gpu_present=present, rebuild_command=rebuild, models_dir=str(models), models_bytes=size,
         models_count=count, hub=hub, hub_endpoint=endpoint, notes=notes,
     )

@@ -407,9 +407,9 @@ class Plan:
         return (f"fits: {fmt_bytes(self.need(GPU))} on the GPU (of {fmt_bytes(self.gpu_budget)}, "
                 f"{fmt_bytes(self.headroom_gpu)} kept free), {fmt_bytes(self.need(CPU))} of RAM{ram}; {experts}")
 
-    def override_args(self) -> list[str]:
-        """The overrides as llama.cpp's `--override-tensor` values (GPU written as CUDA0, as llama.cpp users know)."""
-        return [f"{regex}={'CPU' if device == CPU else 'CUDA0'}" for regex, device in self.overrides]
+    def override_args(self, gpu_device: str = "CUDA0") -> list[str]:
+        """The overrides as llama.cpp's `--override-tensor` values (GPU written as CUDA0, or the device planned for)."""
+        return [f"{regex}={'CPU' if device == CPU else gpu_device}" for regex, device in self.overrides]
 
     def to_dict(self) -> dict[str, Any]:
         m = self.memory
@@ -649,8 +649,71 @@ def _check_ram(plan: Plan) -> _Shortfall | None:
         "compute and output buffers": plan.compute_cpu + m.output, "headroom": plan.headroom_cpu})
 
 
+# -- several offload devices ----------------------------------------------------------------------------------------
+
+
+def layer_devices(n_layer: int, n_gpu_layers: int, shares: Sequence[int]) -> list[int | None]:
+    """The offload device of each layer and of the output layer (index n_layer); None: the CPU.
+
+    llama.cpp's split (llama-model.cpp, split mode 'layer', no tensor_split): cumulative shares of the devices'
+    free memory, normalised in float32, and layer `il` goes to the first device whose split point is above
+    (il - i_gpu_start) / act_gpu_layers.
+    """
+    import numpy as np
+
+    if not shares:
+        return [None] * (n_layer + 1)
+    points = np.cumsum(np.asarray(shares, dtype=np.float32), dtype=np.float32)
+    points = (points / points[-1]).astype(np.float32)
+    start = max(n_layer + 1 - n_gpu_layers, 0)
+    active = min(n_gpu_layers, n_layer + 1)
+    out: list[int | None] = []
+    for il in range(n_layer + 1):
+        if il < start or il - start >= active:
+            out.append(None)
+        else:
+            out.append(int(np.searchsorted(points, np.float32((il - start) / active), side="right")))
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """What one of several offload devices holds under a plan: its layers, weights, KV cache and Mamba state."""
+
+    index: int
+    layers: tuple[int, ...]  # repeating layers (the output layer is n_layer)
+    weights: int
+    kv: int
+    state: int
+
+
+def split_by_device(plan: Plan, shape: ModelShape, shares: Sequence[int]) -> list[DeviceShare]:
+    """The plan's offloaded part divided between devices as llama.cpp divides it (see `layer_devices`).
+
+    Tensors an override sends to the GPU go to the first device, as `devices.tensor_buft_overrides` sends them.
+    """
+    where = layer_devices(shape.n_layer, plan.n_gpu_layers, shares)
+    weights = [0] * len(shares)
+    for t in plan.tensors:
+        if t.device != GPU:
+            continue
+        device = 0 if t.why.startswith("--override-tensor") else where[shape.n_layer if t.layer is None else t.layer]
+        weights[device or 0] += t.nbytes
+    m = plan.memory
+    per_recurrent = shape.state_bytes_per_seq // max(len(shape.recurrent_layers), 1) * max(1, m.n_seq_max)
+    out = []
+    for i in range(len(shares)):
+        mine = tuple(il for il in range(shape.n_layer) if where[il] == i)
+        kv = sum(m.n_ctx * shape.n_head_kv[il] * (shape.head_dim_k + shape.head_dim_v) * 2
+                 for il in mine if il in shape.attention_layers)
+        state = per_recurrent * sum(1 for il in mine if il in shape.recurrent_layers)
+        out.append(DeviceShare(i, mine, weights[i], kv if plan.kv_device == GPU else 0,
+                               state if plan.kv_device == GPU else 0))
+    return out
+
+
 __all__ = [
-    "CPU", "DEFAULT_CTX", "DEFAULT_PARALLEL", "EXPERT_REGEX", "GPU", "ContextMemory", "ModelShape", "Plan",
-    "PlanError", "TensorPlacement", "context_memory", "fmt_bytes", "parse_override", "parse_size", "plan_placement",
-    "smallest_budget",
+    "CPU", "DEFAULT_CTX", "DEFAULT_PARALLEL", "EXPERT_REGEX", "GPU", "ContextMemory", "DeviceShare", "ModelShape",
+    "Plan", "PlanError", "TensorPlacement", "context_memory", "fmt_bytes", "layer_devices", "parse_override",
+    "parse_size", "plan_placement", "smallest_budget", "split_by_device",
 ]

@@ -73,7 +73,11 @@ def test_doctor_json_matches_the_machine(tmp_path: Path, tiny_gguf, hub: str):
     import llama_cpp
 
     if not llama_cpp.llama_supports_gpu_offload():
-        assert report["build"] == "CPU-only" and report["gpus"] == [] and report["backends"] == ["CPU"]
+        assert report["build"] == "CPU-only" and report["gpus"] == []
+        assert [b for b in report["backends"] if b != "RPC"] == ["CPU"]
+    # RPC is in the build exactly when llama-cpp-python shipped ggml's RPC library.
+    shipped = any(p.name.startswith("libggml-rpc.") for p in (Path(llama_cpp.__file__).parent / "lib").iterdir())
+    assert report["rpc"] == shipped == ("RPC" in report["backends"])
     assert report["models_dir"] == str(home / "models")
     assert (report["models_count"], report["models_bytes"]) == (1, tiny_gguf("q8_0").stat().st_size)
     assert (report["hub"], report["hub_endpoint"]) == ("reachable", hub)
@@ -85,7 +89,7 @@ def test_doctor_table_on_a_pipe(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert "\x1b[" not in done.stdout
     for label in ("CPU", "instruction sets", "AMX in use", "weight repacking", "RAM", "llama.cpp build",
-                  "models folder", "Hugging Face Hub"):
+                  "RPC backend", "models folder", "Hugging Face Hub"):
         assert label in done.stdout
     assert "unreachable: ConnectError" in done.stdout
 
@@ -112,5 +116,6 @@ def test_rebuild_commands_name_the_backend_and_skip_the_cached_wheel():
     for gpu, flag in [("NVIDIA", "-DGGML_CUDA=on"), ("AMD", "-DGGML_HIP=on"), ("Intel", "-DGGML_VULKAN=on"),
                       ("Apple", "-DGGML_METAL=on")]:
         command = rebuild_command(gpu)
-        assert command.startswith(f'CMAKE_ARGS="{flag}" ') and "--no-cache-dir" in command
+        # RPC stays in a GPU build: --rpc and rpc-server keep working after the rebuild.
+        assert command.startswith(f'CMAKE_ARGS="{flag} -DGGML_RPC=ON" ') and "--no-cache-dir" in command
         assert "llama-cpp-python==0.3.36" in command

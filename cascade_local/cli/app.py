@@ -45,9 +45,12 @@ def _register() -> None:
         doctor_cmd,
         eval_cmd,
         info_cmd,
+        logs_cmd,
         models_cmd,
         plan_cmd,
+        rpc_cmd,
         run_cmd,
+        serve_cmd,
     )
 
     app.command("convert")(convert_cmd.convert)
@@ -61,17 +64,9 @@ def _register() -> None:
     app.command("rm")(models_cmd.rm)
     app.command("doctor")(doctor_cmd.doctor)
     app.command("eval")(eval_cmd.eval_)
-    _register_serve()
-
-
-def _register_serve() -> None:
-    from cascade_local.cli import serve_cmd
-
     app.command("serve")(serve_cmd.serve)
-
-    from cascade_local.cli import logs_cmd
-
     app.add_typer(logs_cmd.logs_app, name="logs")
+    app.command("rpc-server")(rpc_cmd.rpc_server)
 
 
 def _stdout_gone() -> bool:

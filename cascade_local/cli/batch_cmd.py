@@ -47,6 +47,7 @@ def batch(
     cpu_moe: bool = options.CPU_MOE,
     n_cpu_moe: int | None = options.N_CPU_MOE,
     override_tensor: list[str] = options.OVERRIDE_TENSOR,
+    rpc: str | None = options.RPC,
 ) -> None:
     """Answer every prompt of INPUT into OUTPUT (JSONL), resuming where a stopped or crashed run left off.
 
@@ -77,7 +78,7 @@ def batch(
         elif job.todo:  # everything answered already: no need to load a model
             with err_console.status("loading"):
                 local, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
-                    gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+                    gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor), (rpc,) if rpc else ()))
             engine = owned.enter_context(local)  # freed (context, then model) before the output is closed
         with _Progress() as progress:
             summary = run_batch(job, engine, settings, observer=progress)

@@ -36,6 +36,7 @@ def chat(
     cpu_moe: bool = options.CPU_MOE,
     n_cpu_moe: int | None = options.N_CPU_MOE,
     override_tensor: list[str] = options.OVERRIDE_TENSOR,
+    rpc: str | None = options.RPC,
     tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
                                      "reasons: python (runs its code in a local Jupyter kernel, asking before each "
                                      "call). /tools on|off switches them."),
@@ -112,7 +113,7 @@ def chat(
                 remote.model = model
             conversation = RemoteConversation(remote, system, target.url)
         else:
-            placement = PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor))
+            placement = PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor), (rpc,) if rpc else ())
             with err_console.status("loading"):
                 engine, plan = open_engine(model, ctx=ctx, threads=threads, placement=placement)
             owned.enter_context(engine)  # context, then model: never left to the order of __del__ at exit

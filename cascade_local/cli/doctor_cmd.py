@@ -59,6 +59,8 @@ def _table(r: MachineReport) -> Table:
     table.add_row("RAM", ram)
     table.add_row("llama.cpp build", f"llama-cpp-python {r.llama_cpp_version}, {r.build} "
                                      f"(backends: {', '.join(r.backends)})")
+    table.add_row("RPC backend", "yes (--rpc HOST:PORT, cascade-local rpc-server)" if r.rpc
+                  else "no (rebuild with `make`, which adds -DGGML_RPC=ON)")
     if r.gpus:
         for gpu in r.gpus:
             table.add_row(f"GPU {gpu.name}", f"{gpu.description}: {fmt_bytes(gpu.free)} free of {fmt_bytes(gpu.total)}")

@@ -10,17 +10,30 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from cascade_local.cli import options
 from cascade_local.cli.console import out_console
 from cascade_local.devices import resolve_gpu_budget, system_memory
 from cascade_local.gguf_info import read_gguf
-from cascade_local.placement import CPU, DEFAULT_CTX, GPU, Plan, fmt_bytes, parse_override, plan_placement
+from cascade_local.placement import (
+    CPU,
+    DEFAULT_CTX,
+    GPU,
+    ModelShape,
+    Plan,
+    _ranges,
+    fmt_bytes,
+    parse_override,
+    plan_placement,
+    split_by_device,
+)
 from cascade_local.resolve import resolve_model
 
 
 def plan(
     model: str = typer.Argument(..., help="A .gguf file, or a model name from the registry."),
     gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to plan for: auto (what the GPU reports "
-                                "free), a size such as 8GiB, 8GB or 8000MiB, or 0 for the CPU only."),
+                                "free), a size such as 8GiB, 8GB or 8000MiB, or 0 for the CPU only; with "
+                                "several --rpc servers, one size each is allowed (4GiB,2GiB)."),
     ctx: int = typer.Option(DEFAULT_CTX, "--ctx", help="Context length of each sequence, in tokens."),
     parallel: int = typer.Option(1, "--parallel", help="Sequences decoded together, each with --ctx tokens."),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights on the CPU (llama.cpp's "
@@ -30,6 +43,7 @@ def plan(
     override_tensor: list[str] = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE, as llama.cpp's -ot: "
                                               "tensors matching REGEX go to CPU or the GPU (CUDA0...). These win "
                                               "over everything else. Repeatable."),
+    rpc: str | None = options.RPC,
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     assume_gpu: str | None = typer.Option(None, "--assume-gpu", hidden=True, help="Planning aid: plan as if a GPU "
                                           "with this much free memory existed. Nothing is loaded."),
@@ -44,30 +58,45 @@ def plan(
     Example: cascade-local plan model.gguf --gpu-mem 8GiB --ctx 32768 --parallel 4
     """
     overrides = [pair for text in override_tensor for pair in parse_override(text)]
-    budget = resolve_gpu_budget(gpu_mem, assume_gpu)
+    from cascade_local.runtime import PlacementOptions, offload_devices
+
+    rpc_devices = offload_devices(PlacementOptions(override_tensor=override_tensor, rpc=(rpc,) if rpc else ())) or []
+    budget = resolve_gpu_budget(gpu_mem, assume_gpu, rpc_devices)
     gguf = read_gguf(resolve_model(model))
     result = plan_placement(gguf, gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel, cpu_moe=cpu_moe,
                             n_cpu_moe=n_cpu_moe, overrides=overrides, ram_bytes=system_memory()[1],
                             gpu_available=budget.available, gpu_name=budget.name)
+    shares = split_by_device(result, ModelShape.from_gguf(gguf), budget.shares) \
+        if rpc_devices and result.mode == GPU else []
     if json_:
-        payload = {**result.to_dict(), "gpu_source": budget.source}
+        payload = {**result.to_dict(), "gpu_source": budget.source,
+                   "rpc": [{"endpoint": d.endpoint, "device": d.name, "free": d.free, "total": d.total}
+                           for d in rpc_devices],
+                   "devices": [{"device": rpc_devices[s.index].name, "endpoint": rpc_devices[s.index].endpoint,
+                                "layers": list(s.layers), "weights": s.weights, "kv_cache": s.kv,
+                                "mamba_state": s.state} for s in shares]}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    out_console.print(_table(result))
-    out_console.print(_settings(result, budget.source))
+    out_console.print(_table(result, "+".join(d.name for d in rpc_devices) or "GPU"))
+    grid = _settings(result, budget.source, rpc_devices[0].name if rpc_devices else "CUDA0")
+    for s in shares:  # the pool, divided as llama.cpp divides the offloaded layers
+        d = rpc_devices[s.index]
+        grid.add_row(d.name, f"{d.endpoint}: layers {_ranges(list(s.layers)) or 'none'}, weights "
+                     f"{fmt_bytes(s.weights)}, KV {fmt_bytes(s.kv)}, Mamba state {fmt_bytes(s.state)}")
+    out_console.print(grid)
 
 
 def _cell(n: int) -> str:
     return fmt_bytes(n) if n else "—"
 
 
-def _table(plan: Plan) -> Table:
+def _table(plan: Plan, device: str = "GPU") -> Table:
     m = plan.memory
     table = Table(title=f"{plan.parallel} sequence{'s' * (plan.parallel > 1)} × ctx {plan.ctx}", box=box.SIMPLE,
                   title_justify="left", show_footer=True)
     table.add_column("class", footer="total")
     table.add_column("tensors", justify="right")
-    table.add_column("GPU", justify="right", footer=_cell(plan.need(GPU) + plan.headroom_gpu))
+    table.add_column(device, justify="right", footer=_cell(plan.need(GPU) + plan.headroom_gpu))
     table.add_column("RAM", justify="right", footer=_cell(plan.need(CPU) + plan.headroom_cpu))
     for c in plan.class_totals():
         table.add_row(c.cls, str(c.tensors), _cell(c.gpu), _cell(c.cpu))
@@ -88,7 +117,7 @@ def _table(plan: Plan) -> Table:
     return table
 
 
-def _settings(plan: Plan, source: str) -> Table:
+def _settings(plan: Plan, source: str, gpu_device: str = "CUDA0") -> Table:
     m = plan.memory
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -99,7 +128,7 @@ def _settings(plan: Plan, source: str) -> Table:
     grid.add_row("RAM", ram)
     grid.add_row("llama.cpp", f"n_gpu_layers={plan.n_gpu_layers} n_ctx={m.n_ctx} n_seq_max={m.n_seq_max} "
                               f"n_ubatch={m.n_ubatch} kv_unified=false")
-    grid.add_row("overrides", Text("\n".join(plan.override_args()) or "none"))
+    grid.add_row("overrides", Text("\n".join(plan.override_args(gpu_device)) or "none"))
     for note in plan.notes:
         grid.add_row("note", note)
     grid.add_row("verdict", plan.verdict)

@@ -53,6 +53,7 @@ def run(
     cpu_moe: bool = options.CPU_MOE,
     n_cpu_moe: int | None = options.N_CPU_MOE,
     override_tensor: list[str] = options.OVERRIDE_TENSOR,
+    rpc: str | None = options.RPC,
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Ask an OpenAI-compatible "
                                         "server (vLLM, SGLang, llama-server) instead of loading a model: a URL or "
                                         "an [endpoints] name from models.toml. MODEL, if given, is the served name."),
@@ -87,7 +88,8 @@ def run(
         return
     with err_console.status("loading"):
         engine, _ = open_engine(spec, ctx=ctx, threads=threads,
-                                placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+                                placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor),
+                                                           (rpc,) if rpc else ()))
     with engine:  # context, then model, freed here: never left to the order of __del__ at exit
         if tools is not None:
             _run_tools(engine, job, tools, json_out, show_thinking, log)

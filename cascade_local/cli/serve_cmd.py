@@ -36,6 +36,7 @@ def serve(
     cpu_moe: bool = options.CPU_MOE,
     n_cpu_moe: int | None = options.N_CPU_MOE,
     override_tensor: list[str] = options.OVERRIDE_TENSOR,
+    rpc: str | None = options.RPC,
 ) -> None:
     """Serve the model over HTTP: /v1/chat/completions, /v1/messages, /v1/models, /health and /metrics.
 
@@ -69,7 +70,8 @@ def serve(
     try:
         with err_console.status("loading"):
             engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads,
-                                    placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+                                    placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor),
+                                                               (rpc,) if rpc else ()))
         path = Path(engine.model.path)
         served = name or (model if model and model in registry.models else path.stem)
         opts = ServeOptions(served, (path.name, path.stem), api_key, reasoning_format,  # type: ignore[arg-type]
