@@ -146,11 +146,14 @@ class Engine:
 
     def __init__(self, model: LoadedModel, *, n_ctx: int = 8192, n_seq_max: int = 1, n_batch: int = 512,
                  threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] | None = None,
-                 expert_stats: ExpertStats | None = None, owns_model: bool = False):
+                 expert_stats: ExpertStats | None = None, owns_model: bool = False, kv_type: str = "f16"):
         import llama_cpp
+
+        from cascade_local.placement import check_kv_type
 
         if n_seq_max < 1:
             raise UsageError("parallel sequences must be at least 1")
+        check_kv_type(kv_type)
         self._lib = llama_cpp
         self.model = model
         self._closed_by: str | None = None  # why the engine is closed (None while it is open)
@@ -170,6 +173,11 @@ class Engine:
         # llama.cpp's own default is 4 threads whatever the machine: use the CPUs we may run on unless told.
         params.n_threads = params.n_threads_batch = threads or default_threads()
         params.no_perf = True
+        self.kv_type = kv_type
+        if kv_type != "f16":
+            params.type_k = params.type_v = getattr(llama_cpp, f"GGML_TYPE_{kv_type.upper()}")
+            # llama.cpp refuses a quantized V cache without flash attention ("auto" may leave it off).
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.expert_stats = expert_stats
         if expert_stats is not None:
             params.cb_eval = expert_stats.callback

@@ -22,6 +22,7 @@ from typing import Any
 from cascade_local.chat_template import ChatTemplate, Message
 from cascade_local.engine import Engine, Event, Request, Result
 from cascade_local.errors import UsageError
+from cascade_local.llama_model import LoadedModel
 from cascade_local.sampling import SamplingParams
 
 OPEN_THINK, CLOSE_THINK = "<think>", "</think>"
@@ -141,13 +142,20 @@ class OneShot:
             raise UsageError("--system has no effect with --raw (the prompt is sent as is); put it in the prompt")
 
 
+def prompt_tokens(model: LoadedModel, job: OneShot) -> list[int]:
+    """`job`'s prompt as `model` reads it: rendered with the chat template (unless raw), tokenized."""
+    if job.raw:
+        return model.encode_prompt(job.prompt)
+    return model.encode_prompt(render_prompt(model.template, build_messages(job.prompt, job.system),
+                                             thinking=job.thinking))
+
+
 def build_request(engine: Engine, job: OneShot, tag: Any = None) -> Request:
     """Renders and tokenizes `job` for `engine`'s model."""
-    model = engine.model
+    tokens = prompt_tokens(engine.model, job)
     if job.raw:
-        return Request(model.encode_prompt(job.prompt), job.sampling, job.max_tokens, in_reasoning=False, tag=tag)
-    text = render_prompt(model.template, build_messages(job.prompt, job.system), thinking=job.thinking)
-    return Request(model.encode_prompt(text), job.sampling, job.max_tokens, in_reasoning=job.thinking,
+        return Request(tokens, job.sampling, job.max_tokens, in_reasoning=False, tag=tag)
+    return Request(tokens, job.sampling, job.max_tokens, in_reasoning=job.thinking,
                    thinking_budget=job.budget if job.thinking else None, tag=tag)
 
 

@@ -41,7 +41,8 @@ def batch(
     min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below P × the best."),
     repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
-    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length per item, in tokens."),
+    ctx: str = options.CTX,
+    kv_type: str = options.KV_TYPE,
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,
     cpu_moe: bool = options.CPU_MOE,
@@ -60,7 +61,7 @@ def batch(
     from cascade_local.cli.run_cmd import write_stdout
     from cascade_local.engine import Engine
     from cascade_local.errors import UsageError
-    from cascade_local.runtime import PlacementOptions, open_engine
+    from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
 
     if force and resume:
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
@@ -76,7 +77,8 @@ def batch(
             engine = RemoteBackend(remote, parallel)
         elif job.todo:  # everything answered already: no need to load a model
             with err_console.status("loading"):
-                local, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
+                local, _ = open_engine(model, ctx=parse_ctx(ctx), parallel=parallel, threads=threads,
+                                       kv_type=kv_type, placement=PlacementOptions(
                     gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
             engine = owned.enter_context(local)  # freed (context, then model) before the output is closed
         with _Progress() as progress:

@@ -10,3 +10,8 @@ CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep all expert weights in RAM.
 N_CPU_MOE = typer.Option(None, "--n-cpu-moe", help="Keep the first N layers' experts in RAM.")
 OVERRIDE_TENSOR = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVICE (CPU, CUDA0...), as llama.cpp's "
                                "-ot. Repeatable.")
+CTX = typer.Option("auto", "--ctx", metavar="auto|N", help="Context length per sequence in tokens; auto: sized to "
+                   "the prompt and --max-tokens (chat, batch, serve: room to grow), within what fits in memory and "
+                   "the model's trained length.")
+KV_TYPE = typer.Option("f16", "--kv-type", metavar="f16|q8_0|q4_0", help="KV cache type: q8_0 halves it, q4_0 "
+                       "quarters it (both turn on flash attention).")

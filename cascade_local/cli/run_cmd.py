@@ -47,7 +47,8 @@ def run(
     repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats "
                                                 "(1.0: off)."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
-    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length in tokens."),
+    ctx: str = options.CTX,
+    kv_type: str = options.KV_TYPE,
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,
     cpu_moe: bool = options.CPU_MOE,
@@ -69,7 +70,7 @@ def run(
     Example: cascade-local run model.gguf "Explain this diff" < change.diff
     """
     from cascade_local import oneshot
-    from cascade_local.runtime import PlacementOptions, open_engine
+    from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
 
     if endpoint:
         spec, instruction = (model, prompt) if prompt is not None else (None, model)
@@ -86,8 +87,10 @@ def run(
         _run_remote(endpoint, spec, job, json_out, show_thinking, log)
         return
     with err_console.status("loading"):
-        engine, _ = open_engine(spec, ctx=ctx, threads=threads,
-                                placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+        engine, _ = open_engine(spec, ctx=parse_ctx(ctx), threads=threads, kv_type=kv_type,
+                                placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)),
+                                prompt_tokens=lambda model: len(oneshot.prompt_tokens(model, job)),
+                                max_tokens=max_tokens)
     with engine:  # context, then model, freed here: never left to the order of __del__ at exit
         if tools is not None:
             _run_tools(engine, job, tools, json_out, show_thinking, log)

@@ -18,7 +18,8 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port (0: any free port; the "
                              "'listening on' line says which)."),
     parallel: int = typer.Option(4, "--parallel", min=1, help="Requests decoded at once; more wait in a queue."),
-    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length per request, in tokens."),
+    ctx: str = options.CTX,
+    kv_type: str = options.KV_TYPE,
     queue: int = typer.Option(64, "--queue", min=0, help="Requests that may wait for a free sequence; beyond "
                               "that the answer is 429 with Retry-After."),
     name: str | None = typer.Option(None, "--name", help="The model id clients use (default: the model's name)."),
@@ -49,7 +50,7 @@ def serve(
     from cascade_local.errors import UsageError
     from cascade_local.placement import parse_size
     from cascade_local.registry import load_registry
-    from cascade_local.runtime import PlacementOptions, open_engine
+    from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
     from cascade_local.server.app import ServeOptions
     from cascade_local.server.chat import REASONING_FORMATS
     from cascade_local.server.run import bind, check_exposure, serve
@@ -68,7 +69,7 @@ def serve(
     sock = bind(host, port)  # a taken port is refused before minutes of loading
     try:
         with err_console.status("loading"):
-            engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads,
+            engine, _ = open_engine(model, ctx=parse_ctx(ctx), parallel=parallel, threads=threads, kv_type=kv_type,
                                     placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
         path = Path(engine.model.path)
         served = name or (model if model and model in registry.models else path.stem)
