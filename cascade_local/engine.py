@@ -88,6 +88,7 @@ class Request:
     tag: Any = None  # the caller's id, handed back in events
     cache: PromptCache | None = None  # reuse (and update) a snapshot of an earlier prompt
     cache_prefix: int | None = None  # snapshot after this many prompt tokens (default: all of them)
+    on_snapshot: Callable[[list[int], bytes], None] | None = None  # told each snapshot (to keep it on disk)
 
 
 @dataclass
@@ -333,6 +334,8 @@ class Engine:
         if request.cache is not None:
             self._evaluate(seq, tokens, done, cut, logits_at_end=False)
             request.cache.tokens, request.cache.state = list(tokens[:cut]), self._snapshot(seq)
+            if request.on_snapshot is not None:
+                request.on_snapshot(request.cache.tokens, request.cache.state)
             done = cut
         self._evaluate(seq, tokens, done, len(tokens), logits_at_end=True)
         slot.pos = len(tokens)

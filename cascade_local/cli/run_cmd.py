@@ -17,6 +17,7 @@ from cascade_local.cli.console import err_console
 if TYPE_CHECKING:
     from cascade_local.engine import Engine, Event, Result
     from cascade_local.oneshot import OneShot
+    from cascade_local.prompt_store import PromptStore
 
 
 def run(
@@ -60,6 +61,10 @@ def run(
     tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
                                      "reasons: python (runs its code in a local Jupyter kernel; needs --yes)."),
     yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking (run cannot ask)."),
+    cache_size: str = typer.Option("4GiB", "--cache-size", help="Disk for prompt states (read a long document "
+                                   "once, ask many): least recently used removed first; 0: off."),
+    cache_min_tokens: int = typer.Option(2048, "--cache-min-tokens", min=1, help="Keep the state of prompts of at "
+                                         "least N tokens (everything before the question)."),
     log: bool = typer.Option(False, "--log", help="Keep this exchange in the chat history (cascade-local logs); "
                              "run is not logged otherwise."),
 ) -> None:
@@ -70,6 +75,7 @@ def run(
     Example: cascade-local run model.gguf "Explain this diff" < change.diff
     """
     from cascade_local import oneshot
+    from cascade_local.placement import parse_size
     from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
 
     if endpoint:
@@ -83,6 +89,7 @@ def run(
                           max_tokens, sampling, raw)
     if tools is not None:
         _check_tools(tools, yes, endpoint, raw)
+    cache_budget = parse_size(cache_size)  # a bad size is refused before the model loads
     if endpoint:
         _run_remote(endpoint, spec, job, json_out, show_thinking, log)
         return
@@ -95,7 +102,12 @@ def run(
         if tools is not None:
             _run_tools(engine, job, tools, json_out, show_thinking, log)
             return
-        result = _show(oneshot.stream(engine, job), json_out, show_thinking)
+        disk = _prompt_store(engine.model.path, cache_budget)
+        result = _show(oneshot.stream(engine, job, disk=disk, question=instruction, min_tokens=cache_min_tokens),
+                       json_out, show_thinking)
+        for why in disk.removed if disk is not None else ():
+            err_console.print(f"warning: removed a damaged prompt state: {why}", style="yellow", highlight=False,
+                              markup=False, soft_wrap=True)
         if log:
             _log_exchange(str(engine.model.path), job, [], result)
         if json_out:
@@ -104,6 +116,13 @@ def run(
             err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
                               f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
                               style="dim", highlight=False)
+
+
+def _prompt_store(model: Path, budget: int) -> PromptStore | None:
+    """The disk cache of prompt states for this model file, or None when --cache-size is 0."""
+    from cascade_local.prompt_store import PromptStore, default_folder, model_identity
+
+    return PromptStore(default_folder(), model_identity(model), budget=budget) if budget else None
 
 
 def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool,
