@@ -89,6 +89,7 @@ class Request:
     cache: PromptCache | None = None  # reuse (and update) a snapshot of an earlier prompt
     cache_prefix: int | None = None  # snapshot after this many prompt tokens (default: all of them)
     on_snapshot: Callable[[list[int], bytes], None] | None = None  # told each snapshot (to keep it on disk)
+    on_progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total) after each batch of them
 
 
 @dataclass
@@ -332,24 +333,27 @@ class Engine:
         prefix = len(tokens) - 1 if request.cache_prefix is None else request.cache_prefix
         cut = max(done, min(prefix, len(tokens) - 1))
         if request.cache is not None:
-            self._evaluate(seq, tokens, done, cut, logits_at_end=False)
+            self._evaluate(seq, tokens, done, cut, logits_at_end=False, progress=request.on_progress)
             request.cache.tokens, request.cache.state = list(tokens[:cut]), self._snapshot(seq)
             if request.on_snapshot is not None:
                 request.on_snapshot(request.cache.tokens, request.cache.state)
             done = cut
-        self._evaluate(seq, tokens, done, len(tokens), logits_at_end=True)
+        self._evaluate(seq, tokens, done, len(tokens), logits_at_end=True, progress=request.on_progress)
         slot.pos = len(tokens)
         slot.started = time.perf_counter()
         slot.result.prompt_seconds = slot.started - started
         return slot
 
-    def _evaluate(self, seq: int, tokens: list[int], start: int, end: int, *, logits_at_end: bool) -> None:
+    def _evaluate(self, seq: int, tokens: list[int], start: int, end: int, *, logits_at_end: bool,
+                  progress: Callable[[int, int], None] | None = None) -> None:
         for first in range(start, end, self.n_batch):
             chunk = tokens[first : min(end, first + self.n_batch)]
             last = first + len(chunk) >= end
             self._fill([(seq, t, first + i, logits_at_end and last and i == len(chunk) - 1)
                         for i, t in enumerate(chunk)])
             self._decode()
+            if progress is not None:  # between native calls, never inside one
+                progress(first + len(chunk), len(tokens))
 
     def _restore(self, seq: int, cache: PromptCache | None, tokens: list[int]) -> int:
         """Load the cached state if the new prompt strictly extends the cached one; tokens already done."""

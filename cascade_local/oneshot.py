@@ -14,7 +14,7 @@ instruction, `build_messages` and `render_prompt` turn the text into the model's
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,14 +161,16 @@ def build_request(engine: Engine, job: OneShot, tag: Any = None) -> Request:
 
 
 def stream(engine: Engine, job: OneShot, *, disk: PromptStore | None = None, question: str | None = None,
-           min_tokens: int = DEFAULT_MIN_TOKENS) -> Iterator[Event]:
+           min_tokens: int = DEFAULT_MIN_TOKENS, progress: Callable[[int, int], None] | None = None,
+           ) -> Iterator[Event]:
     """Reasoning and content pieces as generated, then `done` with the Result.
 
     With `disk`, a stored state of the prompt's longest cached prefix is restored instead of evaluated, and a
     prompt of at least `min_tokens` leaves the state of its reusable prefix there (everything before
     `question`, the instruction at the end of the prompt; without one, all but the last token).
+    `progress(done, total)` is told the prompt tokens read after each batch of them.
     """
-    request = build_request(engine, job)
+    request = dataclasses.replace(build_request(engine, job), on_progress=progress)
     if disk is not None:
         request = _with_disk_cache(engine, job, request, disk, question, min_tokens)
     events = engine.stream(request)

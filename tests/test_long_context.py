@@ -149,3 +149,47 @@ def test_plan_shows_the_context_arithmetic(tiny_gguf):
                                "auto": True}
     table = run_cli("plan", str(tiny_gguf("f16")), "--kv-type", "q4_0")
     assert "KV cache (4096 cells, q4_0)" in table.stdout and "72 B per token (q4_0)" in table.stdout
+
+
+# -- reading progress --------------------------------------------------------------------------------------------
+
+
+def test_the_engine_reports_prompt_reading_between_batches(tiny_gguf):
+    seen: list[tuple[int, int]] = []
+    tokens = [10 + i % 900 for i in range(1300)]
+    with Engine(LoadedModel(tiny_gguf("q8_0")), n_ctx=2048, owns_model=True) as engine:
+        engine.generate(Request(tokens, GREEDY, max_tokens=1, on_progress=lambda d, t: seen.append((d, t))))
+    assert seen == [(512, 1300), (1024, 1300), (1300, 1300)]
+
+
+def test_run_shows_reading_progress_on_a_terminal(tiny_gguf, tmp_path):
+    """stderr a real pseudo-terminal: one updating line while a long prompt is read, erased at the end."""
+    import os
+    import pty
+    import subprocess
+
+    from conftest import CLI
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("word " * 600)  # about 3,000 tokens
+    master, slave = pty.openpty()
+    child = subprocess.Popen([*CLI, "run", str(tiny_gguf("q8_0")), "-f", str(doc), "Count", "--max-tokens", "2",
+                              "--json"], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "COLUMNS": "200"})
+    os.close(slave)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        err += chunk
+    out, _ = child.communicate(timeout=120)
+    os.close(master)
+    assert child.returncode == 0 and json.loads(out)["usage"]["completion_tokens"] == 2
+    text = err.decode(errors="replace")
+    assert re.search(r"reading the prompt: 512/\d{4} tokens\r", text)
+    assert re.search(r"reading the prompt: 1536/\d{4} tokens, \d+ tokens/s, \d+ s left", text)
+    assert text.rstrip("\r\n").endswith("\r\x1b[K")  # erased once read: the answer's line stays clean

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,8 +103,8 @@ def run(
             _run_tools(engine, job, tools, json_out, show_thinking, log)
             return
         disk = _prompt_store(engine.model.path, cache_budget)
-        result = _show(oneshot.stream(engine, job, disk=disk, question=instruction, min_tokens=cache_min_tokens),
-                       json_out, show_thinking)
+        result = _show(oneshot.stream(engine, job, disk=disk, question=instruction, min_tokens=cache_min_tokens,
+                                      progress=_reading_progress()), json_out, show_thinking)
         for why in disk.removed if disk is not None else ():
             err_console.print(f"warning: removed a damaged prompt state: {why}", style="yellow", highlight=False,
                               markup=False, soft_wrap=True)
@@ -116,6 +116,32 @@ def run(
             err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
                               f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
                               style="dim", highlight=False)
+
+
+LONG_PROMPT = 2048  # tokens: a prompt this long shows its reading progress
+
+
+def _reading_progress() -> Callable[[int, int], None] | None:
+    """One updating stderr line while a long prompt is read (tokens, tokens/s, time left); terminals only."""
+    if not err_console.is_terminal:
+        return None
+    import time
+
+    first: list[float] = []  # tokens and time of the first report: restored tokens are not counted as read
+
+    def show(done: int, total: int) -> None:
+        if total < LONG_PROMPT:
+            return
+        if not first:
+            first.extend((done, time.perf_counter()))
+        line = f"reading the prompt: {done}/{total} tokens"
+        read, seconds = done - first[0], time.perf_counter() - first[1]
+        if read > 0 and seconds > 0:
+            line += f", {read / seconds:.0f} tokens/s, {(total - done) * seconds / read:.0f} s left"
+        sys.stderr.write("\r\x1b[K" + (line if done < total else ""))  # the line goes when reading is done
+        sys.stderr.flush()
+
+    return show
 
 
 def _prompt_store(model: Path, budget: int) -> PromptStore | None:
