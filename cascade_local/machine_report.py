@@ -32,6 +32,11 @@ class GpuReport:
     total: int
 
 
+# What `--kv-type` offers, and what each costs per token relative to f16 (ggml's block sizes: 34 B per 32
+# values for q8_0, 18 B for q4_0); quantized V needs flash attention, which the engine then turns on.
+KV_TYPE_NOTES = ("f16 (default)", "q8_0 (53% of f16, flash attention)", "q4_0 (28% of f16, flash attention)")
+
+
 @dataclass(frozen=True)
 class MachineReport:
     cpu_model: str
@@ -62,11 +67,6 @@ class MachineReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# What `--kv-type` offers, and what each costs per token relative to f16 (ggml's block sizes: 34 B per 32
-# values for q8_0, 18 B for q4_0); quantized V needs flash attention, which the engine then turns on.
-KV_TYPE_NOTES = ("f16 (default)", "q8_0 (53% of f16, flash attention)", "q4_0 (28% of f16, flash attention)")
 
 
 def backend_names() -> list[str]:

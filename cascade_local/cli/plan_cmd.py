@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import typer
 from rich import box
@@ -63,12 +64,12 @@ def plan(
     overrides = [pair for text in override_tensor for pair in parse_override(text)]
     budget = resolve_gpu_budget(gpu_mem, assume_gpu)
     gguf = read_gguf(resolve_model(model))
-    args = dict(gpu_bytes=budget.nbytes, parallel=parallel, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
-                overrides=overrides, ram_bytes=system_memory()[1], gpu_available=budget.available,
-                gpu_name=budget.name, kv_type=kv_type)
+    args: dict[str, Any] = dict(gpu_bytes=budget.nbytes, parallel=parallel, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
+                                overrides=overrides, ram_bytes=system_memory()[1], gpu_available=budget.available,
+                                gpu_name=budget.name, kv_type=kv_type)
     fixed = parse_ctx(ctx, minimum=1)  # the planner's own checks, as before auto
     if fixed is not None:
-        result = plan_placement(gguf, ctx=fixed, **args)  # type: ignore[arg-type]
+        result = plan_placement(gguf, ctx=fixed, **args)
     elif prompt_tokens is not None:
         need = min(prompt_tokens + max_tokens + 1, max(trained_context(gguf), prompt_tokens + 1))
         result = plan_auto(gguf, need=need, **args)
