@@ -8,6 +8,8 @@
   run's own prompt_seconds (`--json`); the first question evaluates the document, the others restore it. The
   answers are compared with the same questions asked with `--cache-size 0` (a full evaluation). Also the state
   file's size per 1,000 tokens.
+* **KV type**: KL divergence of q8_0 and q4_0 KV caches against f16 over the next-token distributions of the
+  last --kl-window positions of a --kl-tokens prompt, and how often the likeliest token agrees.
 * **memory**: for each --mem-ctx, a child process loads the model and creates a context of that size; the RSS it
   adds is set beside the planner's estimate of the context's memory (KV cache, Mamba state, compute, output).
 
@@ -141,6 +143,44 @@ def read_once_rows(gguf: Path, doc_tokens: int, questions: int, threads: int) ->
     return rows
 
 
+def kv_logits(gguf: Path, kv_type: str, n: int, window: int, threads: int):
+    """Log-probabilities at the last `window` positions of an n-token prompt, with a `kv_type` KV cache."""
+    import ctypes
+
+    import numpy as np
+
+    from cascade_local.engine import Engine
+    from cascade_local.llama_model import LoadedModel
+
+    tokens, rows = ids(n), []
+    with Engine(LoadedModel(gguf), n_ctx=n + 256, threads=threads, kv_type=kv_type, owns_model=True) as engine:
+        vocab = engine.model.n_vocab
+        for first in range(0, n, engine.n_batch):
+            chunk = tokens[first : first + engine.n_batch]
+            engine._fill([(0, t, first + i, first + i >= n - window) for i, t in enumerate(chunk)])
+            engine._decode()
+            for i in range(len(chunk)):
+                if first + i >= n - window:
+                    ptr = engine._lib.llama_get_logits_ith(engine.ctx, i)
+                    rows.append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                                      (vocab,)).astype(np.float64))
+    logits = np.stack(rows)
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+
+
+def kl_rows(gguf: Path, n: int, window: int, threads: int) -> list[str]:
+    import numpy as np
+
+    ref = kv_logits(gguf, "f16", n, window, threads)
+    rows = ["| KV type | mean KL vs f16 (nats) | max KL | top-1 agreement |", "|:--|---:|---:|---:|"]
+    for kv_type in ("q8_0", "q4_0"):
+        got = kv_logits(gguf, kv_type, n, window, threads)
+        kl = (np.exp(ref) * (ref - got)).sum(axis=1)
+        agree = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
+        rows.append(f"| {kv_type} | {kl.mean():.2e} | {kl.max():.2e} | {agree:.3f} |")
+    return rows
+
+
 def rss_kib() -> int:
     with open("/proc/self/status", encoding="ascii") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
@@ -187,18 +227,27 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=3000)
     parser.add_argument("--questions", type=int, default=5)
     parser.add_argument("--mem-ctx", default="1024,4096", help="comma-separated contexts for the memory rows")
+    parser.add_argument("--kl-tokens", type=int, default=3072, help="prompt length for the KV-type KL rows")
+    parser.add_argument("--kl-window", type=int, default=256, help="last positions whose distributions are compared")
+    parser.add_argument("--only-kl", action="store_true", help="measure only the KV-type KL rows")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.gguf, args.memory_child, args.threads)
         return
     sys.path.insert(0, str(ROOT))
+    kl = ["", f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
+          *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)]
+    if args.only_kl:
+        print("\n".join(kl))
+        return
     out = [f"# long-context bench: {args.gguf.name}, {args.threads} threads", "",
            "## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
                                              args.repeats),
            "", f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
            *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads),
-           "", "## context memory", *memory_rows(args.gguf, [int(c) for c in args.mem_ctx.split(",")], args.threads)]
+           "", "## context memory", *memory_rows(args.gguf, [int(c) for c in args.mem_ctx.split(",")], args.threads),
+           *kl]
     print("\n".join(out))
 
 
