@@ -47,12 +47,15 @@ def default_folder() -> Path:
     return Path(os.environ.get(FOLDER_ENV) or cache_dir() / "prompts")
 
 
-def model_identity(path: Path) -> str:
-    """The model file's size, mtime and a hash of its first MiB (the GGUF header and metadata), hashed."""
+def model_identity(path: Path, kv_type: str = "f16") -> str:
+    """The model file's size, mtime and a hash of its first MiB (the GGUF header and metadata), hashed.
+
+    The KV cache type is part of it: llama.cpp refuses a state saved with another type, so each type keeps its own.
+    """
     st = Path(path).stat()
     with open(path, "rb") as fh:
         head = hashlib.sha256(fh.read(1 << 20)).hexdigest()
-    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{head}".encode()).hexdigest()
+    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{head}:{kv_type}".encode()).hexdigest()
 
 
 def _tokens_bytes(tokens: Sequence[int]) -> bytes:

@@ -204,3 +204,14 @@ def test_cache_list_and_clear(tiny_gguf, tmp_path):
     cleared = run_cli("cache", "clear")
     assert cleared.returncode == 0 and "removed 1 prompt states" in cleared.stderr
     assert json.loads(run_cli("cache", "list", "--json").stdout) == []
+
+
+def test_each_kv_type_keeps_its_own_states(tiny_gguf, tmp_path):
+    """llama.cpp refuses a state saved with another KV type: a q8_0 run must not take (and lose to) an f16 file."""
+    gguf, doc = tiny_gguf("q8_0"), tmp_path / "doc.txt"
+    doc.write_text("A longer note about the ledger. " * 40)
+    _ask(gguf, doc, "Why?")
+    quantized = _ask(gguf, doc, "Who?", "--kv-type", "q8_0")
+    again = _ask(gguf, doc, "When?", "--kv-type", "q8_0")
+    assert quantized["usage"]["cached_tokens"] == 0 and again["usage"]["cached_tokens"] > 256
+    assert len(entries(Path(os.environ["CASCADE_LOCAL_PROMPT_CACHE"]))) == 2

@@ -102,7 +102,7 @@ def run(
         if tools is not None:
             _run_tools(engine, job, tools, json_out, show_thinking, log)
             return
-        disk = _prompt_store(engine.model.path, cache_budget)
+        disk = _prompt_store(engine.model.path, kv_type, cache_budget)
         result = _show(oneshot.stream(engine, job, disk=disk, question=instruction, min_tokens=cache_min_tokens,
                                       progress=_reading_progress()), json_out, show_thinking)
         for why in disk.removed if disk is not None else ():
@@ -144,11 +144,11 @@ def _reading_progress() -> Callable[[int, int], None] | None:
     return show
 
 
-def _prompt_store(model: Path, budget: int) -> PromptStore | None:
-    """The disk cache of prompt states for this model file, or None when --cache-size is 0."""
+def _prompt_store(model: Path, kv_type: str, budget: int) -> PromptStore | None:
+    """The disk cache of prompt states for this model file and KV type, or None when --cache-size is 0."""
     from cascade_local.prompt_store import PromptStore, default_folder, model_identity
 
-    return PromptStore(default_folder(), model_identity(model), budget=budget) if budget else None
+    return PromptStore(default_folder(), model_identity(model, kv_type), budget=budget) if budget else None
 
 
 def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool,
