@@ -332,7 +332,7 @@ class Engine:
         # The snapshot point leaves at least the last token to evaluate after it, for the logits to sample from.
         prefix = len(tokens) - 1 if request.cache_prefix is None else request.cache_prefix
         cut = max(done, min(prefix, len(tokens) - 1))
-        if request.cache is not None:
+        if request.cache is not None and not (done and cut == done):  # a restored state at `cut` is the snapshot
             self._evaluate(seq, tokens, done, cut, logits_at_end=False, progress=request.on_progress)
             request.cache.tokens, request.cache.state = list(tokens[:cut]), self._snapshot(seq)
             if request.on_snapshot is not None:

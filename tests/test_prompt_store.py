@@ -215,3 +215,30 @@ def test_each_kv_type_keeps_its_own_states(tiny_gguf, tmp_path):
     again = _ask(gguf, doc, "When?", "--kv-type", "q8_0")
     assert quantized["usage"]["cached_tokens"] == 0 and again["usage"]["cached_tokens"] > 256
     assert len(entries(Path(os.environ["CASCADE_LOCAL_PROMPT_CACHE"]))) == 2
+
+
+# -- batch: a document every item shares ------------------------------------------------------------------------
+
+
+def _batch(gguf: Path, tmp_path: Path, name: str, *extra: str) -> list[dict]:
+    doc = "The ledger lists forty barrels of oil and nine of wine. " * 40
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"{doc}\n\n{q}", "think": False}) + "\n"
+                           for i, q in enumerate(["How much oil?", "How much wine?", "Which ledger?"])))
+    out = tmp_path / name
+    result = run_cli("batch", str(inp), "-o", str(out), "--parallel", "2", "--temperature", "0", "--max-tokens",
+                     "8", "--cache-min-tokens", "256", "-m", str(gguf), *extra)
+    assert result.returncode == 0, result.stderr
+    return sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["id"])
+
+
+def test_batch_reads_a_shared_document_once_and_answers_exactly(tiny_gguf, tmp_path):
+    gguf = tiny_gguf("q8_0")
+    first = _batch(gguf, tmp_path, "a.jsonl")
+    again = _batch(gguf, tmp_path, "b.jsonl")  # a new process: the document's state comes from disk
+    fresh = _batch(gguf, tmp_path, "c.jsonl", "--cache-size", "0")
+    assert all(r["usage"]["cached_tokens"] > 0.9 * r["usage"]["prompt_tokens"] for r in first + again)
+    assert all(r["usage"]["cached_tokens"] == 0 for r in fresh)
+    assert [(r["content"], r["reasoning"]) for r in first] == [(r["content"], r["reasoning"]) for r in fresh]
+    assert [(r["content"], r["reasoning"]) for r in again] == [(r["content"], r["reasoning"]) for r in fresh]
+    assert len(entries(Path(os.environ["CASCADE_LOCAL_PROMPT_CACHE"]))) == 1
