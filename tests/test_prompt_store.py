@@ -242,3 +242,30 @@ def test_batch_reads_a_shared_document_once_and_answers_exactly(tiny_gguf, tmp_p
     assert [(r["content"], r["reasoning"]) for r in first] == [(r["content"], r["reasoning"]) for r in fresh]
     assert [(r["content"], r["reasoning"]) for r in again] == [(r["content"], r["reasoning"]) for r in fresh]
     assert len(entries(Path(os.environ["CASCADE_LOCAL_PROMPT_CACHE"]))) == 1
+
+
+# -- serve: long prompts survive a restart ------------------------------------------------------------------------
+
+
+def test_a_restarted_server_restores_a_long_prompt_from_disk(tiny_gguf, tmp_path):
+    import httpx
+    from test_serve import start_server, stop_server
+
+    doc = "The ledger lists forty barrels of oil and nine of wine. " * 40
+
+    def ask_server(question: str, *extra: str) -> dict:
+        served = start_server(tiny_gguf("q8_0"), "--parallel", "1", "--cache-min-tokens", "256", *extra)
+        try:
+            body = {"model": "tiny-q8_0", "temperature": 0, "max_tokens": 8,
+                    "messages": [{"role": "user", "content": f"{doc}\n\n{question}"}]}
+            reply = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=120).json()
+        finally:
+            assert stop_server(served) == 0
+        return reply
+
+    first = ask_server("How much oil?")
+    again = ask_server("How much oil?")  # a new process: its memory is empty, the disk is not
+    fresh = ask_server("How much oil?", "--cache-size", "0")
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (first, again, fresh)]
+    assert cached[0] == 0 and cached[1] > 0.9 * again["usage"]["prompt_tokens"] and cached[2] == 0
+    assert again["choices"][0]["message"] == fresh["choices"][0]["message"]
