@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cascade_local.chat_template import Message
-from cascade_local.engine import Engine, Event, Request, Result
+from cascade_local.engine import Engine, Event, PromptCache, Request, Result
 from cascade_local.errors import CascadeError, UsageError
 from cascade_local.oneshot import build_messages, decode_text, render_prompt, sampling_for, usage_json
+from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore
 from cascade_local.remote import ChatRequest, RemoteEngine
 
 Id = str | int
@@ -423,13 +424,16 @@ class RemoteBackend:
 
 
 def run_batch(job: BatchJob, engine: Engine | RemoteBackend | None, settings: ItemSettings = ItemSettings(), *,
-              observer: BatchObserver | None = None, chunk: int | None = None) -> BatchSummary:
+              observer: BatchObserver | None = None, chunk: int | None = None, disk: PromptStore | None = None,
+              min_tokens: int = DEFAULT_MIN_TOKENS) -> BatchSummary:
     """Records the new errors, then answers `job.todo` through `engine.stream_many`, `n_seq_max` at a time.
 
     `engine` may be None when `job.todo` is empty. Items are handed to the engine in chunks (default
     16 per sequence), so that a long INPUT is not all tokenized before the first answer. An error of
     the engine itself (llama_decode failing) ends the job: what was written stays, and a resume
-    continues from there.
+    continues from there. With `disk` (a local engine), a prefix of at least `min_tokens` tokens that every
+    item of a chunk shares (a system prompt, a document) is evaluated once, or restored from disk, and each
+    item evaluates only its own part (`share_prefix`).
     """
     todo, new_errors = job.todo, job.new_errors
     summary = BatchSummary(len(job.items), job.already_done, truncated_bytes=job.output.state.truncated_bytes)
@@ -464,12 +468,40 @@ def run_batch(job: BatchJob, engine: Engine | RemoteBackend | None, settings: It
                         requests.append(prepare_request(engine, todo[index], settings, defaults, tag=index))
                 except CascadeError as exc:
                     write(error_record(todo[index], str(exc)))
+            if disk is not None and isinstance(engine, Engine):
+                requests = share_prefix(engine, requests, disk, min_tokens)
             for event in engine.stream_many(requests):
                 if event.kind == "done":
                     assert event.result is not None
                     write(result_record(todo[event.tag], event.result), event.result)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def share_prefix(engine: Engine, requests: list[Request], disk: PromptStore, min_tokens: int) -> list[Request]:
+    """The requests, each starting from the state of the prefix they all share, when it has `min_tokens` or more.
+
+    That state comes from the disk store (a longest stored prefix counts: the rest is evaluated once) and is
+    written back to it, so a later batch over the same document restores it too.
+    """
+    if not requests:
+        return requests
+    first = requests[0].prompt_tokens
+    shared = min(len(r.prompt_tokens) for r in requests) - 1  # each keeps a token of its own, to sample from
+    for r in requests[1:]:
+        shared = next((i for i in range(shared) if r.prompt_tokens[i] != first[i]), shared)
+    if shared < min_tokens:
+        return requests
+    prefix = first[:shared]
+    hit = disk.lookup([*prefix, first[shared]])
+    if hit is not None and len(hit[0]) == shared:
+        state = hit[1]
+    else:
+        cache = PromptCache(*hit) if hit else PromptCache()
+        engine.generate(Request(first[: shared + 1], max_tokens=1, cache=cache, cache_prefix=shared))
+        state = cache.state
+        disk.save(prefix, state)
+    return [dataclasses.replace(r, cache=PromptCache(list(prefix), state), cache_prefix=shared) for r in requests]
 
 
 def _mode_defaults(thinking: bool) -> dict[str, Any]:

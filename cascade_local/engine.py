@@ -88,6 +88,8 @@ class Request:
     tag: Any = None  # the caller's id, handed back in events
     cache: PromptCache | None = None  # reuse (and update) a snapshot of an earlier prompt
     cache_prefix: int | None = None  # snapshot after this many prompt tokens (default: all of them)
+    on_snapshot: Callable[[list[int], bytes], None] | None = None  # told each snapshot (to keep it on disk)
+    on_progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total) after each batch of them
 
 
 @dataclass
@@ -146,11 +148,14 @@ class Engine:
 
     def __init__(self, model: LoadedModel, *, n_ctx: int = 8192, n_seq_max: int = 1, n_batch: int = 512,
                  threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] | None = None,
-                 expert_stats: ExpertStats | None = None, owns_model: bool = False):
+                 expert_stats: ExpertStats | None = None, owns_model: bool = False, kv_type: str = "f16"):
         import llama_cpp
+
+        from cascade_local.placement import check_kv_type
 
         if n_seq_max < 1:
             raise UsageError("parallel sequences must be at least 1")
+        check_kv_type(kv_type)
         self._lib = llama_cpp
         self.model = model
         self._closed_by: str | None = None  # why the engine is closed (None while it is open)
@@ -170,6 +175,11 @@ class Engine:
         # llama.cpp's own default is 4 threads whatever the machine: use the CPUs we may run on unless told.
         params.n_threads = params.n_threads_batch = threads or default_threads()
         params.no_perf = True
+        self.kv_type = kv_type
+        if kv_type != "f16":
+            params.type_k = params.type_v = getattr(llama_cpp, f"GGML_TYPE_{kv_type.upper()}")
+            # llama.cpp refuses a quantized V cache without flash attention ("auto" may leave it off).
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.expert_stats = expert_stats
         if expert_stats is not None:
             params.cb_eval = expert_stats.callback
@@ -322,23 +332,28 @@ class Engine:
         # The snapshot point leaves at least the last token to evaluate after it, for the logits to sample from.
         prefix = len(tokens) - 1 if request.cache_prefix is None else request.cache_prefix
         cut = max(done, min(prefix, len(tokens) - 1))
-        if request.cache is not None:
-            self._evaluate(seq, tokens, done, cut, logits_at_end=False)
+        if request.cache is not None and not (done and cut == done):  # a restored state at `cut` is the snapshot
+            self._evaluate(seq, tokens, done, cut, logits_at_end=False, progress=request.on_progress)
             request.cache.tokens, request.cache.state = list(tokens[:cut]), self._snapshot(seq)
+            if request.on_snapshot is not None:
+                request.on_snapshot(request.cache.tokens, request.cache.state)
             done = cut
-        self._evaluate(seq, tokens, done, len(tokens), logits_at_end=True)
+        self._evaluate(seq, tokens, done, len(tokens), logits_at_end=True, progress=request.on_progress)
         slot.pos = len(tokens)
         slot.started = time.perf_counter()
         slot.result.prompt_seconds = slot.started - started
         return slot
 
-    def _evaluate(self, seq: int, tokens: list[int], start: int, end: int, *, logits_at_end: bool) -> None:
+    def _evaluate(self, seq: int, tokens: list[int], start: int, end: int, *, logits_at_end: bool,
+                  progress: Callable[[int, int], None] | None = None) -> None:
         for first in range(start, end, self.n_batch):
             chunk = tokens[first : min(end, first + self.n_batch)]
             last = first + len(chunk) >= end
             self._fill([(seq, t, first + i, logits_at_end and last and i == len(chunk) - 1)
                         for i, t in enumerate(chunk)])
             self._decode()
+            if progress is not None:  # between native calls, never inside one
+                progress(first + len(chunk), len(tokens))
 
     def _restore(self, seq: int, cache: PromptCache | None, tokens: list[int]) -> int:
         """Load the cached state if the new prompt strictly extends the cached one; tokens already done."""

@@ -32,6 +32,11 @@ class GpuReport:
     total: int
 
 
+# What `--kv-type` offers, and what each costs per token relative to f16 (ggml's block sizes: 34 B per 32
+# values for q8_0, 18 B for q4_0); quantized V needs flash attention, which the engine then turns on.
+KV_TYPE_NOTES = ("f16 (default)", "q8_0 (53% of f16, flash attention)", "q4_0 (28% of f16, flash attention)")
+
+
 @dataclass(frozen=True)
 class MachineReport:
     cpu_model: str
@@ -58,6 +63,7 @@ class MachineReport:
     models_count: int
     hub: str  # "reachable", "unreachable: ...", or "not checked: ..."
     hub_endpoint: str
+    kv_types: list[str] = field(default_factory=lambda: list(KV_TYPE_NOTES))  # --kv-type choices, with their cost
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,14 +14,16 @@ instruction, `build_messages` and `render_prompt` turn the text into the model's
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cascade_local.chat_template import ChatTemplate, Message
-from cascade_local.engine import Engine, Event, Request, Result
+from cascade_local.engine import Engine, Event, PromptCache, Request, Result
 from cascade_local.errors import UsageError
+from cascade_local.llama_model import LoadedModel
+from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore
 from cascade_local.sampling import SamplingParams
 
 OPEN_THINK, CLOSE_THINK = "<think>", "</think>"
@@ -141,20 +143,70 @@ class OneShot:
             raise UsageError("--system has no effect with --raw (the prompt is sent as is); put it in the prompt")
 
 
+def prompt_tokens(model: LoadedModel, job: OneShot) -> list[int]:
+    """`job`'s prompt as `model` reads it: rendered with the chat template (unless raw), tokenized."""
+    if job.raw:
+        return model.encode_prompt(job.prompt)
+    return model.encode_prompt(render_prompt(model.template, build_messages(job.prompt, job.system),
+                                             thinking=job.thinking))
+
+
 def build_request(engine: Engine, job: OneShot, tag: Any = None) -> Request:
     """Renders and tokenizes `job` for `engine`'s model."""
-    model = engine.model
+    tokens = prompt_tokens(engine.model, job)
     if job.raw:
-        return Request(model.encode_prompt(job.prompt), job.sampling, job.max_tokens, in_reasoning=False, tag=tag)
-    text = render_prompt(model.template, build_messages(job.prompt, job.system), thinking=job.thinking)
-    return Request(model.encode_prompt(text), job.sampling, job.max_tokens, in_reasoning=job.thinking,
+        return Request(tokens, job.sampling, job.max_tokens, in_reasoning=False, tag=tag)
+    return Request(tokens, job.sampling, job.max_tokens, in_reasoning=job.thinking,
                    thinking_budget=job.budget if job.thinking else None, tag=tag)
 
 
-def stream(engine: Engine, job: OneShot) -> Iterator[Event]:
-    """Reasoning and content pieces as generated, then `done` with the Result."""
-    events = engine.stream(build_request(engine, job))
+def stream(engine: Engine, job: OneShot, *, disk: PromptStore | None = None, question: str | None = None,
+           min_tokens: int = DEFAULT_MIN_TOKENS, progress: Callable[[int, int], None] | None = None,
+           ) -> Iterator[Event]:
+    """Reasoning and content pieces as generated, then `done` with the Result.
+
+    With `disk`, a stored state of the prompt's longest cached prefix is restored instead of evaluated, and a
+    prompt of at least `min_tokens` leaves the state of its reusable prefix there (everything before
+    `question`, the instruction at the end of the prompt; without one, all but the last token).
+    `progress(done, total)` is told the prompt tokens read after each batch of them.
+    """
+    request = dataclasses.replace(build_request(engine, job), on_progress=progress)
+    if disk is not None:
+        request = _with_disk_cache(engine, job, request, disk, question, min_tokens)
+    events = engine.stream(request)
     yield from _as_raw(events) if job.raw else events
+
+
+def reusable_prefix(model: LoadedModel, job: OneShot, question: str | None) -> int:
+    """How many of the job's prompt tokens come before `question`: the same for any other question asked.
+
+    Found as the tokens the prompt shares with the same prompt asking something else, so a token that the
+    question's first characters would merge into is left out.
+    """
+    tokens = prompt_tokens(model, job)
+    q = (question or "").strip()
+    if not q or not job.prompt.endswith(q) or len(job.prompt) == len(q):
+        return len(tokens) - 1
+    other = prompt_tokens(model, dataclasses.replace(job, prompt=job.prompt[: -len(q)] + "?"))
+    shared = next((i for i, (a, b) in enumerate(zip(tokens, other, strict=False)) if a != b),
+                  min(len(tokens), len(other)))
+    return min(shared, len(tokens) - 1)
+
+
+def _with_disk_cache(engine: Engine, job: OneShot, request: Request, disk: PromptStore, question: str | None,
+                     min_tokens: int) -> Request:
+    tokens = request.prompt_tokens
+    hit = disk.lookup(tokens)
+    if hit is None and len(tokens) < min_tokens:
+        return request
+    restored = len(hit[0]) if hit else 0
+
+    def save(prefix: list[int], state: bytes) -> None:
+        if len(tokens) >= min_tokens and len(prefix) > restored:  # a new, longer prefix: worth a file
+            disk.save(prefix, state)
+
+    return dataclasses.replace(request, cache=PromptCache(*hit) if hit else PromptCache(),
+                               cache_prefix=reusable_prefix(engine.model, job, question), on_snapshot=save)
 
 
 def generate(engine: Engine, job: OneShot) -> Result:

@@ -57,6 +57,12 @@ MAX_SEQ = 256  # LLAMA_MAX_SEQ
 MAX_N_CTX = (1 << 32) - 1  # n_ctx is a uint32_t
 CTX_PAD = 256  # llama.cpp pads n_ctx and n_ctx_seq to this
 
+# KV cache element types (llama.cpp's --cache-type-k/-v): bytes per block, elements per block (ggml's type traits).
+KV_TYPES = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
+DEFAULT_KV_TYPE = "f16"
+# `--ctx auto` for chat and serve, whose prompts are not known in advance: room to grow up to this many tokens.
+AUTO_ROOM = 32768
+
 HEADROOM_FRACTION = 0.05
 HEADROOM_FIXED = 256 * MiB
 
@@ -213,7 +219,13 @@ class ModelShape:
     @property
     def kv_bytes_per_cell(self) -> int:
         """K and V of one token in every attention layer, f16."""
-        return sum(self.n_head_kv[il] * (self.head_dim_k + self.head_dim_v) * 2 for il in self.attention_layers)
+        return self.kv_bytes(DEFAULT_KV_TYPE)
+
+    def kv_bytes(self, kv_type: str) -> int:
+        """K and V of one token in every attention layer, in `kv_type` (f16, q8_0, q4_0), as ggml_row_size counts."""
+        size, block = KV_TYPES[kv_type]
+        return sum(self.n_head_kv[il] * ((self.head_dim_k + self.head_dim_v) // block) * size
+                   for il in self.attention_layers)
 
     @property
     def state_bytes_per_seq(self) -> int:
@@ -257,6 +269,7 @@ class ContextMemory:
     layer_peak: int
     logits_peak: int
     output: int  # the logits output buffer, in host memory
+    kv_type: str = DEFAULT_KV_TYPE
 
     @property
     def compute(self) -> int:
@@ -268,7 +281,8 @@ class ContextMemory:
 
 
 def context_memory(shape: ModelShape, ctx: int, parallel: int, *, n_ubatch: int = DEFAULT_UBATCH,
-                   n_batch: int = DEFAULT_BATCH, n_outputs_max: int | None = None) -> ContextMemory:
+                   n_batch: int = DEFAULT_BATCH, n_outputs_max: int | None = None,
+                   kv_type: str = DEFAULT_KV_TYPE) -> ContextMemory:
     """KV cache, Mamba state, compute and output buffers as llama.cpp sizes them (kv_unified off, flash attention)."""
     n_ctx_seq = _pad(_pad(ctx * parallel) // parallel)
     n_ctx = n_ctx_seq * parallel
@@ -277,12 +291,12 @@ def context_memory(shape: ModelShape, ctx: int, parallel: int, *, n_ubatch: int 
     n_outputs = min(ubatch, n_outputs_max or batch)
     return ContextMemory(
         n_ctx=n_ctx, n_ctx_seq=n_ctx_seq, n_seq_max=parallel, n_ubatch=ubatch, n_outputs=n_outputs,
-        kv=n_ctx * shape.kv_bytes_per_cell,
+        kv=n_ctx * shape.kv_bytes(kv_type),
         state=max(1, parallel) * shape.state_bytes_per_seq,
         mask=n_ctx_seq * ubatch * 2 if shape.attention_layers else 0,
         layer_peak=ubatch * shape.act_floats * 4,
         logits_peak=n_outputs * shape.n_vocab * 4 + ubatch * 20 * shape.n_embd,
-        output=parallel * shape.n_vocab * 4,
+        output=parallel * shape.n_vocab * 4, kv_type=kv_type,
     )
 
 
@@ -465,7 +479,7 @@ def plan_placement(gguf: GGUFFile, *, gpu_bytes: int, ctx: int, parallel: int = 
                    cpu_moe: bool = False, n_cpu_moe: int | None = None, overrides: Sequence[tuple[str, str]] = (),
                    ram_bytes: int | None = None, gpu_available: bool, gpu_name: str | None = None,
                    n_ubatch: int = DEFAULT_UBATCH, n_batch: int = DEFAULT_BATCH,
-                   n_outputs_max: int | None = None) -> Plan:
+                   n_outputs_max: int | None = None, kv_type: str = DEFAULT_KV_TYPE) -> Plan:
     """Place every tensor of `gguf` on the GPU or the CPU for `parallel` sequences of `ctx` tokens each.
 
     Dense tensors go to the GPU first (token_embd stays in host memory, as llama.cpp keeps it), then the expert
@@ -478,13 +492,15 @@ def plan_placement(gguf: GGUFFile, *, gpu_bytes: int, ctx: int, parallel: int = 
     Raises UsageError for impossible arguments and PlanError when it does not fit, saying what would.
     """
     _check_args(ctx, parallel, n_cpu_moe, gpu_bytes, n_ubatch, n_batch, n_outputs_max)
+    check_kv_type(kv_type)
     shape = ModelShape.from_gguf(gguf)
     fixed = tuple(overrides)
 
     def plan_for(ctx: int) -> tuple[Plan, _Shortfall | None]:
         return _plan(gguf, shape, ctx=ctx, gpu_bytes=gpu_bytes, parallel=parallel, cpu_moe=cpu_moe,
                      n_cpu_moe=n_cpu_moe, overrides=fixed, ram_bytes=ram_bytes, gpu_available=gpu_available,
-                     gpu_name=gpu_name, n_ubatch=n_ubatch, n_batch=n_batch, n_outputs_max=n_outputs_max)
+                     gpu_name=gpu_name, n_ubatch=n_ubatch, n_batch=n_batch, n_outputs_max=n_outputs_max,
+                     kv_type=kv_type)
 
     plan, short = plan_for(ctx)
     if short is None:
@@ -506,6 +522,87 @@ def plan_placement(gguf: GGUFFile, *, gpu_bytes: int, ctx: int, parallel: int = 
         f"and {fmt_bytes(plan.memory.state)} of Mamba state bring the {short.device} to {fmt_bytes(short.need)} "
         f"with headroom, more than its {fmt_bytes(short.have)}. The largest --ctx that fits with "
         f"--parallel {parallel} is {largest}" + (" (or use fewer --parallel sequences)" if parallel > 1 else ""))
+
+
+def check_kv_type(kv_type: str) -> None:
+    if kv_type not in KV_TYPES:
+        raise UsageError(f"--kv-type {kv_type!r} is not a KV cache type: use one of {', '.join(KV_TYPES)}")
+
+
+def trained_context(gguf: GGUFFile) -> int:
+    """The model's trained context length per sequence ({arch}.context_length); 0 when the file does not say."""
+    return int(gguf.metadata.get(f"{gguf.architecture}.context_length", 0) or 0)
+
+
+def plan_auto(gguf: GGUFFile, *, need: int, room: bool = False, **kwargs: Any) -> Plan:
+    """`--ctx auto`: the plan for a context of `need` tokens per sequence (prompt plus generation).
+
+    With `room` (chat, serve: prompts not known yet) the context grows up to AUTO_ROOM tokens while it fits.
+    Never beyond the model's trained length. Raises PlanError with the arithmetic when `need` cannot fit:
+    tokens needed, memory needed and available, and how far a q8_0 KV cache would get.
+    `kwargs` are plan_placement's.
+    """
+    trained = trained_context(gguf) or MAX_N_CTX
+    if need > trained:
+        raise PlanError(f"this needs a context of {need} tokens (prompt and --max-tokens), more than the "
+                        f"model's trained context of {trained}: shorten the input")
+    target = max(need, min(AUTO_ROOM, trained)) if room else need
+    target = min(max(target, CTX_PAD), trained)
+    if _fits(gguf, target, kwargs):
+        return plan_placement(gguf, ctx=target, **kwargs)
+    try:
+        plan_placement(gguf, ctx=need, **kwargs)
+    except PlanError as exc:
+        raise _auto_refusal(gguf, need, exc, kwargs) from None
+    # The need fits but not all the room to grow: the largest context between the two.
+    low, high = need, target
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _fits(gguf, mid, kwargs) else (low, mid - 1)
+    return plan_placement(gguf, ctx=low, **kwargs)
+
+
+def _fits(gguf: GGUFFile, ctx: int, kwargs: dict[str, Any]) -> bool:
+    try:
+        plan_placement(gguf, ctx=ctx, **kwargs)
+    except PlanError:
+        return False
+    return True
+
+
+def _largest_fit(gguf: GGUFFile, upto: int, kwargs: dict[str, Any]) -> int:
+    """The largest context (a multiple of 256, at most `upto`) that fits; 0 if none does."""
+    low, high = 0, upto // CTX_PAD
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _fits(gguf, mid * CTX_PAD, kwargs) else (low, mid - 1)
+    return low * CTX_PAD
+
+
+def _auto_refusal(gguf: GGUFFile, need: int, exc: PlanError, kwargs: dict[str, Any]) -> PlanError:
+    """The refusal of `--ctx auto`, with the numbers: needed, available, and what --kv-type q8_0 would reach."""
+    shape = ModelShape.from_gguf(gguf)
+    kv_type = kwargs.get("kv_type", DEFAULT_KV_TYPE)
+    parallel = kwargs.get("parallel", DEFAULT_PARALLEL)
+    kv = context_memory(shape, need, parallel, kv_type=kv_type).kv
+    trained = trained_context(gguf) or MAX_N_CTX
+    largest = _largest_fit(gguf, trained, kwargs)
+    text = (f"a context of {need} tokens (prompt and --max-tokens) does not fit: its {kv_type} KV cache alone is "
+            f"{fmt_bytes(kv)} ({exc}). The largest context that fits is {largest} tokens")
+    if kv_type == DEFAULT_KV_TYPE:
+        q8 = _largest_fit(gguf, trained, {**kwargs, "kv_type": "q8_0"})
+        text += f"; with --kv-type q8_0 it would be {q8}"
+    return PlanError(text)
+
+
+def context_room(gguf: GGUFFile, **kwargs: Any) -> dict[str, int]:
+    """The context arithmetic `plan` shows: trained length, KV bytes per token, the largest context that fits
+    (with the asked KV type and with q8_0). `kwargs` are plan_placement's, without ctx."""
+    trained = trained_context(gguf) or MAX_N_CTX
+    kv_type = kwargs.get("kv_type", DEFAULT_KV_TYPE)
+    return {"trained": trained, "kv_bytes_per_token": ModelShape.from_gguf(gguf).kv_bytes(kv_type),
+            "largest": _largest_fit(gguf, trained, kwargs),
+            "largest_q8_0": _largest_fit(gguf, trained, {**kwargs, "kv_type": "q8_0"})}
 
 
 def _check_args(ctx: int, parallel: int, n_cpu_moe: int | None, gpu_bytes: int, n_ubatch: int, n_batch: int,
@@ -541,8 +638,9 @@ def _too_small(short: _Shortfall, plan: Plan) -> PlanError:
 def _plan(gguf: GGUFFile, shape: ModelShape, *, ctx: int, gpu_bytes: int, parallel: int, cpu_moe: bool,
           n_cpu_moe: int | None, overrides: tuple[tuple[str, str], ...], ram_bytes: int | None,
           gpu_available: bool, gpu_name: str | None, n_ubatch: int, n_batch: int,
-          n_outputs_max: int | None) -> tuple[Plan, _Shortfall | None]:
-    mem = context_memory(shape, ctx, parallel, n_ubatch=n_ubatch, n_batch=n_batch, n_outputs_max=n_outputs_max)
+          n_outputs_max: int | None, kv_type: str = DEFAULT_KV_TYPE) -> tuple[Plan, _Shortfall | None]:
+    mem = context_memory(shape, ctx, parallel, n_ubatch=n_ubatch, n_batch=n_batch, n_outputs_max=n_outputs_max,
+                         kv_type=kv_type)
     notes: list[str] = []
     why_cpu = None if gpu_available else "CPU-only build"
     if why_cpu is None and gpu_bytes == 0:

@@ -25,6 +25,7 @@ def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     and no test may write into the user's real folder."""
     folder = tmp_path / "cascade-home"
     monkeypatch.setenv("CASCADE_LOCAL_HOME", str(folder))
+    monkeypatch.setenv("CASCADE_LOCAL_PROMPT_CACHE", str(tmp_path / "prompt-cache"))  # run's prompt states
     return folder
 
 

@@ -323,7 +323,9 @@ def test_two_servers_share_the_layers(tiny_gguf, rpc_endpoint, gpu_mem):
     try:
         pair = f"{rpc_endpoint},127.0.0.1:{port}"
         path = str(tiny_gguf("q8_0"))
-        args = ["run", path, "Hello there", "--temperature", "0", "--max-tokens", "12", "--no-think", "--threads", "1"]
+        # The context the plan below is made for (run's own default, --ctx auto, would size it to the prompt).
+        args = ["run", path, "Hello there", "--temperature", "0", "--max-tokens", "12", "--no-think", "--threads", "1",
+                "--ctx", "8192"]
         pooled = run_cli(*args, "--rpc", pair, "--gpu-mem", gpu_mem, env={"CASCADE_LOCAL_LLAMA_LOG": "1"})
         plan = json.loads(run_cli("plan", path, "--rpc", pair, "--gpu-mem", gpu_mem, "--ctx", "8192", "--json").stdout)
     finally:

@@ -68,6 +68,10 @@ def _register() -> None:
     app.add_typer(logs_cmd.logs_app, name="logs")
     app.command("rpc-server")(rpc_cmd.rpc_server)
 
+    from cascade_local.cli import cache_cmd
+
+    app.add_typer(cache_cmd.cache_app, name="cache", help="List or clear the prompt states run keeps on disk.")
+
 
 def _stdout_gone() -> bool:
     if type(sys.stdout).__name__ == "PacifyFlushWrapper":

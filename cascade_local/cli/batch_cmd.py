@@ -41,7 +41,12 @@ def batch(
     min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below P × the best."),
     repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
-    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length per item, in tokens."),
+    ctx: str = options.CTX,
+    kv_type: str = options.KV_TYPE,
+    cache_size: str = typer.Option("4GiB", "--cache-size", help="Disk for prompt states: a prefix every item "
+                                   "shares (a document) is read once and kept; 0: off."),
+    cache_min_tokens: int = typer.Option(2048, "--cache-min-tokens", min=1, help="Share and keep prefixes of at "
+                                         "least N tokens."),
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,
     cpu_moe: bool = options.CPU_MOE,
@@ -61,10 +66,14 @@ def batch(
     from cascade_local.cli.run_cmd import write_stdout
     from cascade_local.engine import Engine
     from cascade_local.errors import UsageError
-    from cascade_local.runtime import PlacementOptions, open_engine
+    from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
 
     if force and resume:
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
+    from cascade_local.placement import parse_size
+
+    cache_budget = parse_size(cache_size)
+    disk = None
     settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
     with open_batch(input, output, resume=resume is not False, force=force) as job, contextlib.ExitStack() as owned:
         engine: Engine | RemoteBackend | None = None
@@ -77,11 +86,16 @@ def batch(
             engine = RemoteBackend(remote, parallel)
         elif job.todo:  # everything answered already: no need to load a model
             with err_console.status("loading"):
-                local, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
+                local, _ = open_engine(model, ctx=parse_ctx(ctx), parallel=parallel, threads=threads,
+                                       kv_type=kv_type, placement=PlacementOptions(
                     gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor), (rpc,) if rpc else ()))
             engine = owned.enter_context(local)  # freed (context, then model) before the output is closed
+            if cache_budget:
+                from cascade_local.prompt_store import PromptStore, default_folder, model_identity
+
+                disk = PromptStore(default_folder(), model_identity(local.model.path, kv_type), budget=cache_budget)
         with _Progress() as progress:
-            summary = run_batch(job, engine, settings, observer=progress)
+            summary = run_batch(job, engine, settings, observer=progress, disk=disk, min_tokens=cache_min_tokens)
     err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)
     write_stdout(f"{output}\n")
 

@@ -19,7 +19,8 @@ def chat(
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Show only a one-line summary of the reasoning "
                                        "(on a terminal; nothing when stderr is not one). /thinking show|hide "
                                        "switches it."),
-    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length in tokens."),
+    ctx: str = options.CTX,
+    kv_type: str = options.KV_TYPE,
     temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (0: greedy; "
                                              "default from models.toml: 1.0 thinking, 0.6 without)."),
     top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold "
@@ -85,7 +86,7 @@ def chat(
     from cascade_local.paths import home
     from cascade_local.registry import load_registry
     from cascade_local.remote_conversation import RemoteConversation
-    from cascade_local.runtime import PlacementOptions, open_engine
+    from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
     from cascade_local.sampling import SamplingParams
 
     plan = None
@@ -115,7 +116,8 @@ def chat(
         else:
             placement = PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor), (rpc,) if rpc else ())
             with err_console.status("loading"):
-                engine, plan = open_engine(model, ctx=ctx, threads=threads, placement=placement)
+                engine, plan = open_engine(model, ctx=parse_ctx(ctx), threads=threads, placement=placement,
+                                           kv_type=kv_type)
             owned.enter_context(engine)  # context, then model: never left to the order of __del__ at exit
             conversation = Conversation(engine, system)
         entry = load_registry().get(None)  # the recommended sampling of the model family

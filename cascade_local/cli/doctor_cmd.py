@@ -69,6 +69,7 @@ def _table(r: MachineReport) -> Table:
         table.add_row("GPUs", f"none usable by this build{seen}")
     if r.rebuild_command:
         table.add_row("rebuild for it", r.rebuild_command)
+    table.add_row("KV cache types", ", ".join(r.kv_types))
     table.add_row("models folder", f"{r.models_dir} ({r.models_count} GGUF, {human_bytes(r.models_bytes)})")
     table.add_row("Hugging Face Hub", f"{r.hub}" + (f" ({r.hub_endpoint})" if r.hub_endpoint else ""))
     for note in r.notes:

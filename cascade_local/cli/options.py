@@ -13,3 +13,8 @@ OVERRIDE_TENSOR = typer.Option([], "--override-tensor", "-ot", help="REGEX=DEVIC
                                "-ot. Repeatable.")
 RPC = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT]", help="Pool other machines' memory: llama.cpp "
                    "RPC servers (`cascade-local rpc-server` there) whose devices take the GPU's part of the plan.")
+CTX = typer.Option("auto", "--ctx", metavar="auto|N", help="Context length per sequence in tokens; auto: sized to "
+                   "the prompt and --max-tokens (chat, batch, serve: room to grow), within what fits in memory and "
+                   "the model's trained length.")
+KV_TYPE = typer.Option("f16", "--kv-type", metavar="f16|q8_0|q4_0", help="KV cache type: q8_0 halves it, q4_0 "
+                       "quarters it (both turn on flash attention).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import typer
 from rich import box
@@ -16,17 +17,21 @@ from cascade_local.devices import resolve_gpu_budget, system_memory
 from cascade_local.gguf_info import read_gguf
 from cascade_local.placement import (
     CPU,
-    DEFAULT_CTX,
+    CTX_PAD,
     GPU,
     ModelShape,
     Plan,
     _ranges,
+    context_room,
     fmt_bytes,
     parse_override,
+    plan_auto,
     plan_placement,
     split_by_device,
+    trained_context,
 )
 from cascade_local.resolve import resolve_model
+from cascade_local.runtime import parse_ctx
 
 
 def plan(
@@ -34,7 +39,12 @@ def plan(
     gpu_mem: str = typer.Option("auto", "--gpu-mem", help="GPU memory to plan for: auto (what the GPU reports "
                                 "free), a size such as 8GiB, 8GB or 8000MiB, or 0 for the CPU only; with "
                                 "several --rpc servers, one size each is allowed (4GiB,2GiB)."),
-    ctx: int = typer.Option(DEFAULT_CTX, "--ctx", help="Context length of each sequence, in tokens."),
+    ctx: str = typer.Option("auto", "--ctx", metavar="auto|N", help="Context length of each sequence, in tokens; "
+                            "auto: as chat and serve size it (room to grow, within what fits)."),
+    prompt_tokens: int | None = typer.Option(None, "--prompt-tokens", min=1, help="With --ctx auto: size the "
+                                             "context as run does, for a prompt of N tokens plus --max-tokens."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Generation room, with --prompt-tokens."),
+    kv_type: str = typer.Option("f16", "--kv-type", metavar="f16|q8_0|q4_0", help="KV cache type to plan for."),
     parallel: int = typer.Option(1, "--parallel", help="Sequences decoded together, each with --ctx tokens."),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", help="Keep all expert weights on the CPU (llama.cpp's "
                                  "--cpu-moe)."),
@@ -63,13 +73,22 @@ def plan(
     rpc_devices = offload_devices(PlacementOptions(override_tensor=override_tensor, rpc=(rpc,) if rpc else ())) or []
     budget = resolve_gpu_budget(gpu_mem, assume_gpu, rpc_devices)
     gguf = read_gguf(resolve_model(model))
-    result = plan_placement(gguf, gpu_bytes=budget.nbytes, ctx=ctx, parallel=parallel, cpu_moe=cpu_moe,
-                            n_cpu_moe=n_cpu_moe, overrides=overrides, ram_bytes=system_memory()[1],
-                            gpu_available=budget.available, gpu_name=budget.name)
+    args: dict[str, Any] = dict(gpu_bytes=budget.nbytes, parallel=parallel, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
+                                overrides=overrides, ram_bytes=system_memory()[1], gpu_available=budget.available,
+                                gpu_name=budget.name, kv_type=kv_type)
+    fixed = parse_ctx(ctx, minimum=1)  # the planner's own checks, as before auto
+    if fixed is not None:
+        result = plan_placement(gguf, ctx=fixed, **args)
+    elif prompt_tokens is not None:
+        need = min(prompt_tokens + max_tokens + 1, max(trained_context(gguf), prompt_tokens + 1))
+        result = plan_auto(gguf, need=need, **args)
+    else:
+        result = plan_auto(gguf, need=CTX_PAD, room=True, **args)
+    room = {**context_room(gguf, **args), "auto": fixed is None}
     shares = split_by_device(result, ModelShape.from_gguf(gguf), budget.shares) \
         if rpc_devices and result.mode == GPU else []
     if json_:
-        payload = {**result.to_dict(), "gpu_source": budget.source,
+        payload = {**result.to_dict(), "gpu_source": budget.source, "context": room,
                    "rpc": [{"endpoint": d.endpoint, "device": d.name, "free": d.free, "total": d.total}
                            for d in rpc_devices],
                    "devices": [{"device": rpc_devices[s.index].name, "endpoint": rpc_devices[s.index].endpoint,
@@ -78,7 +97,7 @@ def plan(
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     out_console.print(_table(result, "+".join(d.name for d in rpc_devices) or "GPU"))
-    grid = _settings(result, budget.source, rpc_devices[0].name if rpc_devices else "CUDA0")
+    grid = _settings(result, budget.source, room, rpc_devices[0].name if rpc_devices else "CUDA0")
     for s in shares:  # the pool, divided as llama.cpp divides the offloaded layers
         d = rpc_devices[s.index]
         grid.add_row(d.name, f"{d.endpoint}: layers {_ranges(list(s.layers)) or 'none'}, weights "
@@ -103,7 +122,7 @@ def _table(plan: Plan, device: str = "GPU") -> Table:
     table.add_section()
     kv_gpu = plan.kv_device == GPU
     rows = [
-        (f"KV cache ({m.n_ctx} cells, f16)", m.kv if kv_gpu else 0, 0 if kv_gpu else m.kv),
+        (f"KV cache ({m.n_ctx} cells, {m.kv_type})", m.kv if kv_gpu else 0, 0 if kv_gpu else m.kv),
         (f"Mamba state ({m.n_seq_max} sequence{'s' * (m.n_seq_max > 1)}, f32)", m.state if kv_gpu else 0,
          0 if kv_gpu else m.state),
         (f"compute buffers (n_ubatch {m.n_ubatch})", plan.compute_gpu, plan.compute_cpu),
@@ -117,7 +136,7 @@ def _table(plan: Plan, device: str = "GPU") -> Table:
     return table
 
 
-def _settings(plan: Plan, source: str, gpu_device: str = "CUDA0") -> Table:
+def _settings(plan: Plan, source: str, room: dict, gpu_device: str = "CUDA0") -> Table:
     m = plan.memory
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -128,6 +147,10 @@ def _settings(plan: Plan, source: str, gpu_device: str = "CUDA0") -> Table:
     grid.add_row("RAM", ram)
     grid.add_row("llama.cpp", f"n_gpu_layers={plan.n_gpu_layers} n_ctx={m.n_ctx} n_seq_max={m.n_seq_max} "
                               f"n_ubatch={m.n_ubatch} kv_unified=false")
+    grid.add_row("context", f"{plan.ctx} tokens per sequence ({'--ctx auto' if room['auto'] else '--ctx'}); "
+                            f"trained length {room['trained']}; KV cache {room['kv_bytes_per_token']} B per token "
+                            f"({plan.memory.kv_type}); largest that fits {room['largest']}, with --kv-type q8_0 "
+                            f"{room['largest_q8_0']}")
     grid.add_row("overrides", Text("\n".join(plan.override_args(gpu_device)) or "none"))
     for note in plan.notes:
         grid.add_row("note", note)

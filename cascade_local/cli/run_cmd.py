@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ from cascade_local.cli.console import err_console
 if TYPE_CHECKING:
     from cascade_local.engine import Engine, Event, Result
     from cascade_local.oneshot import OneShot
+    from cascade_local.prompt_store import PromptStore
 
 
 def run(
@@ -47,7 +48,8 @@ def run(
     repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats "
                                                 "(1.0: off)."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
-    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length in tokens."),
+    ctx: str = options.CTX,
+    kv_type: str = options.KV_TYPE,
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,
     cpu_moe: bool = options.CPU_MOE,
@@ -60,6 +62,10 @@ def run(
     tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
                                      "reasons: python (runs its code in a local Jupyter kernel; needs --yes)."),
     yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking (run cannot ask)."),
+    cache_size: str = typer.Option("4GiB", "--cache-size", help="Disk for prompt states (read a long document "
+                                   "once, ask many): least recently used removed first; 0: off."),
+    cache_min_tokens: int = typer.Option(2048, "--cache-min-tokens", min=1, help="Keep the state of prompts of at "
+                                         "least N tokens (everything before the question)."),
     log: bool = typer.Option(False, "--log", help="Keep this exchange in the chat history (cascade-local logs); "
                              "run is not logged otherwise."),
 ) -> None:
@@ -70,7 +76,8 @@ def run(
     Example: cascade-local run model.gguf "Explain this diff" < change.diff
     """
     from cascade_local import oneshot
-    from cascade_local.runtime import PlacementOptions, open_engine
+    from cascade_local.placement import parse_size
+    from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
 
     if endpoint:
         spec, instruction = (model, prompt) if prompt is not None else (None, model)
@@ -83,18 +90,26 @@ def run(
                           max_tokens, sampling, raw)
     if tools is not None:
         _check_tools(tools, yes, endpoint, raw)
+    cache_budget = parse_size(cache_size)  # a bad size is refused before the model loads
     if endpoint:
         _run_remote(endpoint, spec, job, json_out, show_thinking, log)
         return
     with err_console.status("loading"):
-        engine, _ = open_engine(spec, ctx=ctx, threads=threads,
+        engine, _ = open_engine(spec, ctx=parse_ctx(ctx), threads=threads, kv_type=kv_type,
                                 placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor),
-                                                           (rpc,) if rpc else ()))
+                                                           (rpc,) if rpc else ()),
+                                prompt_tokens=lambda model: len(oneshot.prompt_tokens(model, job)),
+                                max_tokens=max_tokens)
     with engine:  # context, then model, freed here: never left to the order of __del__ at exit
         if tools is not None:
             _run_tools(engine, job, tools, json_out, show_thinking, log)
             return
-        result = _show(oneshot.stream(engine, job), json_out, show_thinking)
+        disk = _prompt_store(engine.model.path, kv_type, cache_budget)
+        result = _show(oneshot.stream(engine, job, disk=disk, question=instruction, min_tokens=cache_min_tokens,
+                                      progress=_reading_progress()), json_out, show_thinking)
+        for why in disk.removed if disk is not None else ():
+            err_console.print(f"warning: removed a damaged prompt state: {why}", style="yellow", highlight=False,
+                              markup=False, soft_wrap=True)
         if log:
             _log_exchange(str(engine.model.path), job, [], result)
         if json_out:
@@ -103,6 +118,39 @@ def run(
             err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
                               f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
                               style="dim", highlight=False)
+
+
+LONG_PROMPT = 2048  # tokens: a prompt this long shows its reading progress
+
+
+def _reading_progress() -> Callable[[int, int], None] | None:
+    """One updating stderr line while a long prompt is read (tokens, tokens/s, time left); terminals only."""
+    if not err_console.is_terminal:
+        return None
+    import time
+
+    first: list[float] = []  # tokens and time of the first report: restored tokens are not counted as read
+
+    def show(done: int, total: int) -> None:
+        if total < LONG_PROMPT:
+            return
+        if not first:
+            first.extend((done, time.perf_counter()))
+        line = f"reading the prompt: {done}/{total} tokens"
+        read, seconds = done - first[0], time.perf_counter() - first[1]
+        if read > 0 and seconds > 0:
+            line += f", {read / seconds:.0f} tokens/s, {(total - done) * seconds / read:.0f} s left"
+        sys.stderr.write("\r\x1b[K" + (line if done < total else ""))  # the line goes when reading is done
+        sys.stderr.flush()
+
+    return show
+
+
+def _prompt_store(model: Path, kv_type: str, budget: int) -> PromptStore | None:
+    """The disk cache of prompt states for this model file and KV type, or None when --cache-size is 0."""
+    from cascade_local.prompt_store import PromptStore, default_folder, model_identity
+
+    return PromptStore(default_folder(), model_identity(model, kv_type), budget=budget) if budget else None
 
 
 def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool,

@@ -18,7 +18,8 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port (0: any free port; the "
                              "'listening on' line says which)."),
     parallel: int = typer.Option(4, "--parallel", min=1, help="Requests decoded at once; more wait in a queue."),
-    ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length per request, in tokens."),
+    ctx: str = options.CTX,
+    kv_type: str = options.KV_TYPE,
     queue: int = typer.Option(64, "--queue", min=0, help="Requests that may wait for a free sequence; beyond "
                               "that the answer is 429 with Retry-After."),
     name: str | None = typer.Option(None, "--name", help="The model id clients use (default: the model's name)."),
@@ -30,6 +31,10 @@ def serve(
                                          "tags in the content)."),
     cache_mem: str = typer.Option("2GiB", "--cache-mem", help="Memory for prompt snapshots reused across "
                                   "requests (least recently used dropped first; 0: off)."),
+    cache_size: str = typer.Option("4GiB", "--cache-size", help="Disk for prompt states of long prompts, kept "
+                                   "across restarts and shared with run and batch (0: off)."),
+    cache_min_tokens: int = typer.Option(2048, "--cache-min-tokens", min=1, help="Keep on disk the states of "
+                                         "prompts of at least N tokens."),
     max_body: str = typer.Option("8MiB", "--max-body", help="Largest request body accepted."),
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,
@@ -50,7 +55,7 @@ def serve(
     from cascade_local.errors import UsageError
     from cascade_local.placement import parse_size
     from cascade_local.registry import load_registry
-    from cascade_local.runtime import PlacementOptions, open_engine
+    from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
     from cascade_local.server.app import ServeOptions
     from cascade_local.server.chat import REASONING_FORMATS
     from cascade_local.server.run import bind, check_exposure, serve
@@ -63,19 +68,25 @@ def serve(
         if not api_key:
             raise UsageError(f"--api-key-env {api_key_env}: that environment variable is empty or not set")
     check_exposure(host, api_key, no_auth)
-    cache_bytes, max_body_bytes = parse_size(cache_mem), parse_size(max_body)
+    cache_bytes, max_body_bytes, disk_bytes = parse_size(cache_mem), parse_size(max_body), parse_size(cache_size)
     registry = load_registry()
     defaults = {mode: registry.get(None).sampling_defaults(mode) for mode in (True, False)}
     sock = bind(host, port)  # a taken port is refused before minutes of loading
     try:
         with err_console.status("loading"):
-            engine, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads,
+            engine, _ = open_engine(model, ctx=parse_ctx(ctx), parallel=parallel, threads=threads, kv_type=kv_type,
                                     placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor),
                                                                (rpc,) if rpc else ()))
         path = Path(engine.model.path)
+        store = None
+        if disk_bytes:
+            from cascade_local.prompt_store import PromptStore, default_folder, model_identity
+
+            store = PromptStore(default_folder(), model_identity(path, kv_type), budget=disk_bytes)
         served = name or (model if model and model in registry.models else path.stem)
         opts = ServeOptions(served, (path.name, path.stem), api_key, reasoning_format,  # type: ignore[arg-type]
-                            queue_limit=queue, cache_bytes=cache_bytes,
+                            queue_limit=queue, cache_bytes=cache_bytes, prompt_store=store,
+                            cache_min_tokens=cache_min_tokens,
                             max_body_bytes=max_body_bytes, sampling_defaults=defaults)
         serve(engine, opts, sock)
     finally:

@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from cascade_local.engine import Engine, Event, Result
 from cascade_local.errors import CascadeError
+from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore
 from cascade_local.server import anthropic_api, openai_api
 from cascade_local.server.chat import ApiError, ChatJob, ReasoningFormat, Reply, build_request, joined
 from cascade_local.server.scheduler import QueueFull, Scheduler, Ticket
@@ -44,6 +45,8 @@ class ServeOptions:
     reasoning_format: ReasoningFormat = "reasoning_content"
     queue_limit: int = 64
     cache_bytes: int = 2 << 30
+    prompt_store: PromptStore | None = None  # prompt states on disk, shared with run and batch
+    cache_min_tokens: int = DEFAULT_MIN_TOKENS
     max_body_bytes: int = 8 << 20
     max_messages: int = 2048
     sampling_defaults: Mapping[bool, Mapping[str, Any]] = field(default_factory=dict)  # per thinking mode
@@ -55,7 +58,8 @@ class Service:
     def __init__(self, engine: Engine, options: ServeOptions):
         self.engine = engine
         self.options = options
-        self.scheduler = Scheduler(engine, queue_limit=options.queue_limit, cache_bytes=options.cache_bytes)
+        self.scheduler = Scheduler(engine, queue_limit=options.queue_limit, cache_bytes=options.cache_bytes,
+                                   disk=options.prompt_store, disk_min_tokens=options.cache_min_tokens)
         self.context = engine.n_ctx // engine.n_seq_max  # each sequence's share
         self.started = time.time()
 

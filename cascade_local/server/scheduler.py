@@ -18,6 +18,7 @@ from itertools import count
 
 from cascade_local.engine import Engine, Event, PromptCache, Request
 from cascade_local.errors import CascadeError
+from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore
 from cascade_local.server.prefix_cache import PrefixStore
 
 _ids = count(1)
@@ -58,10 +59,14 @@ class Metrics:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, queue_limit: int = 64, cache_bytes: int = 2 << 30):
+    def __init__(self, engine: Engine, *, queue_limit: int = 64, cache_bytes: int = 2 << 30,
+                 disk: PromptStore | None = None, disk_min_tokens: int = DEFAULT_MIN_TOKENS):
         self.engine = engine
         self.queue_limit = queue_limit
         self.prefixes = PrefixStore(cache_bytes)
+        # Prompts of disk_min_tokens or more also leave their prefix's state on disk, for the next server too.
+        self.disk, self.disk_min_tokens = disk, disk_min_tokens
+        self._from_disk: dict[int, int] = {}  # ticket id -> prefix tokens restored (nothing new to save below)
         self.metrics = Metrics()
         self._queue: deque[Ticket] = deque()
         self._running: dict[int, Ticket] = {}
@@ -119,8 +124,16 @@ class Scheduler:
                 return None
             ticket = self._queue.popleft()
         # The prefix store is only touched here and in _dispatch, both on this thread.
+        tokens = ticket.request.prompt_tokens
         if self.prefixes.budget_bytes > 0:  # with no budget, skip the snapshot copies too
-            ticket.cache = self.prefixes.lookup(ticket.request.prompt_tokens)
+            ticket.cache = self.prefixes.lookup(tokens)
+        if self.disk is not None and len(tokens) >= self.disk_min_tokens:
+            known = len(ticket.cache.tokens) if ticket.cache is not None else 0
+            hit = self.disk.lookup(tokens)
+            if hit is not None and len(hit[0]) > known:
+                ticket.cache = PromptCache(*hit)
+            ticket.cache = ticket.cache or PromptCache()
+            self._from_disk[ticket.id] = max(known, len(hit[0]) if hit else 0)
         self._running[ticket.id] = ticket
         return Request(ticket.request.prompt_tokens, ticket.request.sampling, ticket.request.max_tokens,
                        ticket.request.in_reasoning, ticket.request.thinking_budget, tag=ticket.id,
@@ -150,8 +163,12 @@ class Scheduler:
                 m.prefix_misses += 1
             if result.finish_reason == "cancelled":
                 m.cancelled += 1
+            restored = self._from_disk.pop(event.tag, None)
             if ticket.cache is not None:
-                self.prefixes.put(ticket.cache)
+                if self.prefixes.budget_bytes > 0:
+                    self.prefixes.put(ticket.cache)
+                if restored is not None and self.disk is not None and len(ticket.cache.tokens) > restored:
+                    self.disk.save(ticket.cache.tokens, ticket.cache.state)
         ticket.deliver(event)
 
     def _run(self) -> None:

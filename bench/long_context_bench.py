@@ -1,0 +1,255 @@
+"""Long-context benchmark (issue 12): prompt speed at depth, read once / ask many, memory against the planner.
+
+* **pp512 at depth** (as llama-bench's `-d`): 512 prompt tokens evaluated after DEPTH tokens already in the
+  sequence, by cascade-local's engine and by a minimal raw loop on llama-cpp-python's low-level API (same file,
+  context, batch and threads); the median of --repeats runs each, and their ratio.
+* **read once, ask many**: a document of --doc-tokens tokens, then --questions questions, each a fresh
+  `cascade-local run -f doc.txt QUESTION` process sharing one prompt-state folder. Time to first token is the
+  run's own prompt_seconds (`--json`); the first question evaluates the document, the others restore it. The
+  answers are compared with the same questions asked with `--cache-size 0` (a full evaluation). Also the state
+  file's size per 1,000 tokens.
+* **KV type**: KL divergence of q8_0 and q4_0 KV caches against f16 over the next-token distributions of the
+  last --kl-window positions of a --kl-tokens prompt, and how often the likeliest token agrees.
+* **memory**: for each --mem-ctx, a child process loads the model and creates a context of that size; the RSS it
+  adds is set beside the planner's estimate of the context's memory (KV cache, Mamba state, compute, output).
+
+Defaults are small, for a shared 2-core machine: the depths, document and contexts fit the tiny fixture (trained
+length 4096). For the real-width slice, pass e.g. `--depths 0,8192,32768,131072 --doc-tokens 32768
+--mem-ctx 32768,131072,262144`.
+
+    .venv/bin/python bench/long_context_bench.py --gguf model.gguf [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cascade_local"]
+SENTENCE = "The ledger of the harbour lists barrels of oil, wine and salt, and the ships that carried them. "
+QUESTIONS = ["How many kinds of barrel are listed?", "What did the ships carry?", "Name one cargo.",
+             "Which ledger is this?", "Summarize the document.", "What is the harbour?", "Give one word."]
+
+
+def ids(n: int) -> list[int]:
+    return [20 + (i * 7) % 700 for i in range(n)]  # ids every vocabulary here has
+
+
+def pp_engine(gguf: Path, depth: int, threads: int) -> float:
+    """Seconds for 512 prompt tokens after `depth` tokens, with cascade-local's engine."""
+    from cascade_local.engine import Engine
+    from cascade_local.llama_model import LoadedModel
+
+    tokens = ids(depth + 512)
+    with Engine(LoadedModel(gguf), n_ctx=depth + 768, threads=threads, owns_model=True) as engine:
+        engine._evaluate(0, tokens, 0, depth, logits_at_end=False)
+        started = time.perf_counter()
+        engine._evaluate(0, tokens, depth, depth + 512, logits_at_end=True)
+        return time.perf_counter() - started
+
+
+def pp_raw(gguf: Path, depth: int, threads: int) -> float:
+    """The same with a minimal loop on llama-cpp-python's low-level API."""
+    import llama_cpp
+
+    from cascade_local.llama_model import LoadedModel
+
+    model = LoadedModel(gguf)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = depth + 768, 512, 512
+    params.n_threads = params.n_threads_batch = threads
+    params.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model.model, params)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    tokens = ids(depth + 512)
+    try:
+        def decode(first: int, end: int) -> None:
+            for start in range(first, end, 512):
+                chunk = tokens[start : min(end, start + 512)]
+                for i, t in enumerate(chunk):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, start + i, 1
+                    batch.seq_id[i][0], batch.logits[i] = 0, start + i == end - 1
+                batch.n_tokens = len(chunk)
+                assert llama_cpp.llama_decode(ctx, batch) == 0
+
+        decode(0, depth)
+        started = time.perf_counter()
+        decode(depth, depth + 512)
+        return time.perf_counter() - started
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        model.close()
+
+
+def depth_rows(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[str]:
+    rows = ["| depth | engine pp512 tok/s | raw loop pp512 tok/s | ratio |", "|---:|---:|---:|---:|"]
+    for depth in depths:
+        engine, raw = [], []
+        pp_engine(gguf, depth, threads), pp_raw(gguf, depth, threads)  # warm-up: page cache, first-call costs
+        for _ in range(repeats):  # alternate, so that drift in the machine's speed hits both alike
+            engine.append(pp_engine(gguf, depth, threads))
+            raw.append(pp_raw(gguf, depth, threads))
+        e, r = 512 / statistics.median(engine), 512 / statistics.median(raw)
+        rows.append(f"| {depth} | {e:.1f} | {r:.1f} | {e / r:.3f} |")
+    return rows
+
+
+def ask(gguf: Path, doc: Path, question: str, threads: int, env: dict, *extra: str) -> dict:
+    args = [*CLI, "run", str(gguf), "-f", str(doc), question, "--json", "--temperature", "0", "--max-tokens", "16",
+            "--threads", str(threads), "--cache-min-tokens", "256", *extra]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"run failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def read_once_rows(gguf: Path, doc_tokens: int, questions: int, threads: int) -> list[str]:
+    from cascade_local.llama_model import LoadedModel
+    from cascade_local.prompt_store import entries
+
+    with LoadedModel(gguf) as model:  # a document of about doc_tokens tokens with this model's tokenizer
+        per = len(model.tokenize(SENTENCE))
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = Path(tmp) / "doc.txt"
+        doc.write_text(SENTENCE * max(1, doc_tokens // per))
+        env = {**os.environ, "CASCADE_LOCAL_PROMPT_CACHE": str(Path(tmp) / "states")}
+        asked = [ask(gguf, doc, QUESTIONS[i % len(QUESTIONS)], threads, env) for i in range(questions)]
+        fresh = [ask(gguf, doc, QUESTIONS[i % len(QUESTIONS)], threads, env, "--cache-size", "0")
+                 for i in range(1, questions)]
+        states = entries(Path(tmp) / "states")
+        state_bytes = max((e.nbytes for e in states), default=0)
+        state_tokens = max((e.n_tokens for e in states), default=0)
+    first = asked[0]["timings"]["prompt_seconds"]
+    rows = ["| question | prompt tokens | cached | time to first token s | vs first | same answer as full |",
+            "|---:|---:|---:|---:|---:|:--|"]
+    for i, a in enumerate(asked):
+        same = "—" if i == 0 else str((a["content"], a["reasoning"]) == (fresh[i - 1]["content"],
+                                                                          fresh[i - 1]["reasoning"]))
+        ttft = a["timings"]["prompt_seconds"]
+        rows.append(f"| {i + 1} | {a['usage']['prompt_tokens']} | {a['usage']['cached_tokens']} | {ttft:.3f} | "
+                    f"{ttft / first:.3f} | {same} |")
+    if state_tokens:
+        rows.append(f"\nstate file: {state_bytes} bytes for {state_tokens} tokens, "
+                    f"{state_bytes / state_tokens * 1000 / 2**20:.2f} MiB per 1k tokens")
+    return rows
+
+
+def kv_logits(gguf: Path, kv_type: str, n: int, window: int, threads: int):
+    """Log-probabilities at the last `window` positions of an n-token prompt, with a `kv_type` KV cache."""
+    import ctypes
+
+    import numpy as np
+
+    from cascade_local.engine import Engine
+    from cascade_local.llama_model import LoadedModel
+
+    tokens, rows = ids(n), []
+    with Engine(LoadedModel(gguf), n_ctx=n + 256, threads=threads, kv_type=kv_type, owns_model=True) as engine:
+        vocab = engine.model.n_vocab
+        for first in range(0, n, engine.n_batch):
+            chunk = tokens[first : first + engine.n_batch]
+            engine._fill([(0, t, first + i, first + i >= n - window) for i, t in enumerate(chunk)])
+            engine._decode()
+            for i in range(len(chunk)):
+                if first + i >= n - window:
+                    ptr = engine._lib.llama_get_logits_ith(engine.ctx, i)
+                    rows.append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                                      (vocab,)).astype(np.float64))
+    logits = np.stack(rows)
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+
+
+def kl_rows(gguf: Path, n: int, window: int, threads: int) -> list[str]:
+    import numpy as np
+
+    ref = kv_logits(gguf, "f16", n, window, threads)
+    rows = ["| KV type | mean KL vs f16 (nats) | max KL | top-1 agreement |", "|:--|---:|---:|---:|"]
+    for kv_type in ("q8_0", "q4_0"):
+        got = kv_logits(gguf, kv_type, n, window, threads)
+        kl = (np.exp(ref) * (ref - got)).sum(axis=1)
+        agree = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
+        rows.append(f"| {kv_type} | {kl.mean():.2e} | {kl.max():.2e} | {agree:.3f} |")
+    return rows
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def memory_child(gguf: Path, ctx: int, threads: int) -> None:
+    from cascade_local.engine import Engine, Request
+    from cascade_local.llama_model import LoadedModel
+
+    model = LoadedModel(gguf)
+    before = rss_kib()
+    with Engine(model, n_ctx=ctx, threads=threads, owns_model=True) as engine:
+        # One full micro-batch touches the compute buffer; llama.cpp clears (touches) KV and state at creation.
+        engine.generate(Request(ids(min(512, ctx - 8)), max_tokens=1))
+        print(json.dumps({"rss_added": (rss_kib() - before) * 1024}))
+
+
+def memory_rows(gguf: Path, contexts: list[int], threads: int) -> list[str]:
+    from cascade_local.gguf_info import read_gguf
+    from cascade_local.placement import fmt_bytes, plan_placement
+
+    rows = ["| context | planner: KV + state + compute + output | measured RSS added | measured / planned |",
+            "|---:|---:|---:|---:|"]
+    gguf_file = read_gguf(gguf)
+    for ctx in contexts:
+        m = plan_placement(gguf_file, ctx=ctx, gpu_bytes=0, gpu_available=False, n_batch=512).memory
+        planned = m.kv + m.state + m.compute + m.output
+        done = subprocess.run([sys.executable, __file__, "--memory-child", str(ctx), "--gguf", str(gguf),
+                               "--threads", str(threads)], capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            rows.append(f"| {ctx} | {fmt_bytes(planned)} | failed: {done.stderr.strip()[-200:]} | |")
+            continue
+        added = json.loads(done.stdout.strip().splitlines()[-1])["rss_added"]
+        rows.append(f"| {ctx} | {fmt_bytes(planned)} | {fmt_bytes(added)} | {added / planned:.3f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, required=True, help="the model to measure")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--depths", default="0,1024,2048", help="comma-separated depths for pp512")
+    parser.add_argument("--doc-tokens", type=int, default=3000)
+    parser.add_argument("--questions", type=int, default=5)
+    parser.add_argument("--mem-ctx", default="1024,4096", help="comma-separated contexts for the memory rows")
+    parser.add_argument("--kl-tokens", type=int, default=3072, help="prompt length for the KV-type KL rows")
+    parser.add_argument("--kl-window", type=int, default=256, help="last positions whose distributions are compared")
+    parser.add_argument("--only-kl", action="store_true", help="measure only the KV-type KL rows")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.gguf, args.memory_child, args.threads)
+        return
+    sys.path.insert(0, str(ROOT))
+    kl = ["", f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
+          *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)]
+    if args.only_kl:
+        print("\n".join(kl))
+        return
+    out = [f"# long-context bench: {args.gguf.name}, {args.threads} threads", "",
+           "## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
+                                             args.repeats),
+           "", f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
+           *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads),
+           "", "## context memory", *memory_rows(args.gguf, [int(c) for c in args.mem_ctx.split(",")], args.threads),
+           *kl]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
