@@ -88,6 +88,12 @@ def terminal_reader(history: Path | None) -> Callable[[], str]:
         else:
             event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
 
+    @keys.add("enter", filter=Condition(lambda: block_is_open(session.default_buffer.text)))
+    def _enter_in_block(event: KeyPressEvent) -> None:
+        # prompt_toolkit's own Enter copies the previous line's indentation onto the new one, which changes
+        # what is sent: typed indentation doubles, and a paste without bracketed paste arrives re-indented.
+        event.current_buffer.insert_text("\n")
+
     session: PromptSession[str] = PromptSession(
         history=FileHistory(str(history)) if history else InMemoryHistory(),
         completer=slash_completer(),
