@@ -207,6 +207,16 @@ def _as_raw(events: Iterable[Event]) -> Iterator[Event]:
 # -- reporting ---------------------------------------------------------------------------------------
 
 
+def cut_off_while_reasoning(result: Result) -> bool:
+    """True when the token limit ended generation before the model wrote any answer."""
+    return result.finish_reason == "length" and not result.content.strip()
+
+
+def no_answer_message(result: Result) -> str:
+    return (f"stopped after {result.completion_tokens} tokens while reasoning, before any answer: raise "
+            "--max-tokens or set --budget")
+
+
 def usage_json(result: Result) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "reasoning_tokens": result.reasoning_tokens, "cached_tokens": result.cached_tokens}

@@ -140,8 +140,9 @@ def test_json_output_with_a_file_stdin_and_an_instruction(tiny_gguf, model, tmp_
     notes.write_text("Some notes.\n", encoding="utf-8")
     result = run_cli("run", str(tiny_gguf("q8_0")), "Summarize", "-f", str(notes), "--json", "--max-tokens", "12",
                      "--system", "Be brief", *GREEDY, input="A diff.\n")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == "" and result.stdout.count("\n") == 1 and not ANSI.search(result.stdout)
+    # The tiny model spends all 12 tokens thinking: the object is printed, and the exit says there is no answer.
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == NO_ANSWER.format(n=12) and result.stdout.count("\n") == 1 and not ANSI.search(result.stdout)
     out = json.loads(result.stdout)
     assert set(out) == {"content", "reasoning", "usage", "timings", "finish_reason", "model"}
     assert set(out["usage"]) == {"prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens"}
@@ -159,11 +160,23 @@ def test_show_thinking_sends_the_reasoning_to_stderr_only(tiny_gguf):
     args = ("run", str(tiny_gguf("q8_0")), "Hello", "--max-tokens", "12", *GREEDY)
     as_json = json.loads(run_cli(*args, "--json", input="").stdout)
     shown = run_cli(*args, "--show-thinking", input="")
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 3, shown.stderr
     assert as_json["reasoning"] and as_json["content"] == ""  # the tiny model spends all 12 tokens thinking
     assert shown.stdout == "" and as_json["reasoning"] in shown.stderr
     hidden = run_cli(*args, input="")
-    assert hidden.stdout == "" and hidden.stderr == ""
+    assert hidden.stdout == "" and hidden.stderr == NO_ANSWER.format(n=12)
+
+
+NO_ANSWER = ("error: stopped after {n} tokens while reasoning, before any answer: raise --max-tokens or set "
+             "--budget\n")
+
+
+def test_an_answer_cut_off_while_thinking_is_said_and_exits_3(tiny_gguf):
+    result = run_cli("run", str(tiny_gguf("q8_0")), "hi", "--max-tokens", "8", *GREEDY, input="")
+    assert (result.returncode, result.stdout, result.stderr) == (3, "", NO_ANSWER.format(n=8))
+    # The same limit with thinking off answers: the exit is 0.
+    answered = run_cli("run", str(tiny_gguf("q8_0")), "hi", "--max-tokens", "8", "--no-think", *GREEDY, input="")
+    assert answered.returncode == 0 and answered.stdout.strip() and answered.stderr == ""
 
 
 def test_answer_streams_plain_to_stdout(tiny_gguf):

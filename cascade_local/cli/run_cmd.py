@@ -64,7 +64,8 @@ def run(
 ) -> None:
     """Answer one prompt: the answer goes to stdout, everything else to stderr.
 
-    Stdin is read when it is not a terminal. Exit codes: 0 done, 1 usage error, 2 model error, 130 interrupted.
+    Stdin is read when it is not a terminal. Exit codes: 0 done, 1 usage error, 2 model error, 3 no answer (the
+    token limit ended the reasoning: raise --max-tokens or set --budget), 130 interrupted.
 
     Example: cascade-local run model.gguf "Explain this diff" < change.diff
     """
@@ -101,6 +102,7 @@ def run(
             err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
                               f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
                               style="dim", highlight=False)
+        _require_answer(result)
 
 
 def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool,
@@ -124,6 +126,16 @@ def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool,
     if json_out:
         name = engine.model or target.url
         write_stdout(json.dumps(oneshot.result_json(result, name), ensure_ascii=False) + "\n")
+    _require_answer(result)
+
+
+def _require_answer(result: Result) -> None:
+    """A run cut off while reasoning printed nothing: say so, and exit 3 so that scripts can tell."""
+    from cascade_local.errors import NoAnswerError
+    from cascade_local.oneshot import cut_off_while_reasoning, no_answer_message
+
+    if cut_off_while_reasoning(result):
+        raise NoAnswerError(no_answer_message(result))
 
 
 def _check_tools(tools: str, yes: bool, endpoint: str | None, raw: bool) -> None:
@@ -159,15 +171,16 @@ def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_th
             elif event.kind == "done":
                 answer = event.answer
     assert answer is not None
-    if log:
-        from cascade_local.cli.chat.tools import answer_result
+    from cascade_local.cli.chat.tools import answer_result
 
+    if log:
         asked = len(build_messages(job.prompt, job.system))  # the calls and their output come after the question
         _log_exchange(str(engine.model.path), job, answer.messages[asked:], answer_result(answer))
     if json_out:
         write_stdout(json.dumps({**answer.to_dict(), "model": engine.model.path.name}, ensure_ascii=False) + "\n")
     elif started:
         write_stdout("\n")
+    _require_answer(answer_result(answer))
 
 
 def _log_exchange(model: str, job: OneShot, calls: list[dict], result: Result) -> None:
