@@ -51,8 +51,10 @@ def batch(
     """Answer every prompt of INPUT into OUTPUT (JSONL), resuming where a stopped or crashed run left off.
 
     Each record is on disk once written; bad lines and failed items are recorded with their error and the
-    job goes on. Resuming skips the ids answered in OUTPUT, retries those that failed, and cuts off a
-    half-written last line. Prints OUTPUT's path on stdout, a summary on stderr.
+    job goes on. Resuming skips the ids answered in OUTPUT, retries those that failed or were cut off by
+    --max-tokens while reasoning, and cuts off a half-written last line. Prints OUTPUT's path on stdout, a
+    summary on stderr. Exit codes: 0 every item answered, 1 usage error, 2 model error, 3 some items failed or
+    were cut off (their records say why), 130 interrupted.
 
     Example: cascade-local batch questions.jsonl -o answers.jsonl --parallel 4 --max-tokens 1024
     """
@@ -83,6 +85,8 @@ def batch(
             summary = run_batch(job, engine, settings, observer=progress)
     err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)
     write_stdout(f"{output}\n")
+    if summary.unanswered:
+        raise typer.Exit(3)  # the job ran to the end, but not every item has an answer: scripts must hear it
 
 
 class _Progress:
