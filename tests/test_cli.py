@@ -78,10 +78,28 @@ def test_chat_turn_and_thinking_toggle(tiny_gguf):
     result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "8", "--temperature", "0", input=script)
     assert result.returncode == 0, result.stderr
     assert "thinking off" in result.stderr
-    assert result.stdout.count(">>> ") == 4  # one prompt per line read
-    # Thinking on: the 8 tokens are all reasoning (stderr). Off: they are the answer (stdout).
-    first, second = result.stdout.split(">>> ")[1], result.stdout.split(">>> ")[3]
+    assert result.stderr.count(">>> ") == 4 and ">>>" not in result.stdout  # one prompt per line read, on stderr
+    # One line per answer on stdout. Thinking on: the 8 tokens are all reasoning (stderr). Off: they are the answer.
+    first, second = result.stdout.split("\n", 1)
     assert first.strip() == "" and second.strip() != ""
+
+
+def test_a_scripted_chat_writes_only_answers_to_stdout(tiny_gguf):
+    script = '"""\nTwo lines\nof question\n"""\n'
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "8", "--no-think", "--temperature", "0",
+                     input=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and not result.stdout.startswith((">>>", "...")) and "..." not in result.stdout
+    assert result.stderr.count(">>> ") == 2 and result.stderr.count("... ") == 3
+
+
+@pytest.mark.parametrize(("line", "message"), [("/exitt", "unknown command /exitt"),
+                                                ("/load /nonexistent/chat.json", "/nonexistent/chat.json")])
+def test_a_script_with_a_failed_command_ends_non_zero(tiny_gguf, line, message):
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "4", "--no-think", "--temperature", "0",
+                     input=f"{line}\nHi\n")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.strip()  # the script went on after the error: "Hi" was answered
 
 
 def test_chat_applies_placement_options(tiny_gguf):

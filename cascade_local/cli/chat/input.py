@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,9 +54,23 @@ def read_message(read_line: Callable[[str], str]) -> str:
     return text
 
 
+def _prompted_line(prompt: str) -> str:
+    """One line of stdin; the prompt goes to stderr, so that stdout (`chat < script > out.md`) holds only answers."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.removesuffix("\n")
+
+
 def plain_reader() -> Callable[[], str]:
-    """Line reading for a pipe or a file: input() as before, prompts and all, so scripts see what they always saw."""
-    return lambda: read_message(input)
+    """Line reading for a pipe or a file: a script. Its errors make the chat's exit code non-zero (see chat.loop)."""
+    def read() -> str:
+        return read_message(_prompted_line)
+
+    read.scripted = True  # type: ignore[attr-defined]  # see chat.loop.Reader
+    return read
 
 
 def history_file(folder: Path) -> Path | None:
