@@ -54,7 +54,12 @@ from cascade_local.transcript import TranscriptError
     ("/budget 512", Command("/budget", 512)),
     ("/budget off", Command("/budget", None)),
     ("/system  Be brief.  ", Command("/system", "Be brief.")),
-    ("/system", Command("/system", None)),
+    ("/system", Command("/system", None)),  # shows it
+    ("/system off", Command("/system", "")),  # removes it
+    ("/think", Command("/think", None)),
+    ("/tools", Command("/tools", None)),
+    ("/load chat.json --settings", Command("/load", Path("chat.json"), with_settings=True)),
+    ("/settings", Command("/settings")),
     ("/save chat.json", Command("/save", Path("chat.json"))),
     ("/save chat.json --force", Command("/save", Path("chat.json"), force=True)),
     ("/save --force 'my chat.json'", Command("/save", Path("my chat.json"), force=True)),
@@ -68,7 +73,7 @@ def test_parse_slash(line, expected):
 
 
 @pytest.mark.parametrize(("line", "message"), [
-    ("/think maybe", "usage: /think on|off"),
+    ("/think maybe", "usage: /think [on|off]"),
     ("/budget 0", "usage: /budget N|off"),
     ("/budget -3", "usage: /budget N|off"),
     ("/save", "usage: /save FILE [--force]"),
@@ -257,7 +262,7 @@ def test_transcript_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # the temporary file is gone
 
     other, other_settings = _conversation([{"role": "user", "content": "old"}]), TurnSettings()
-    transcript.load(other, other_settings, path)
+    transcript.load(other, other_settings, path, with_settings=True)
     assert other.messages == HISTORY and other.system == "Be brief."
     assert other_settings == settings
 
@@ -273,7 +278,7 @@ def test_transcript_round_trip_of_a_tool_turn(tmp_path):
     path = transcript.save(_conversation(history, "Be brief."), TurnSettings(), tmp_path / "chat.json")
 
     other = _conversation()
-    transcript.load(other, TurnSettings(), path)
+    transcript.load(other, TurnSettings(), path, with_settings=True)
     assert other.messages == history and other.system == "Be brief."
     prompt = ChatTemplate(default_template()).render(other.messages)  # what the next turn's prompt holds
     assert "<tool_call>\n<function=stateful_python_code_exec>\n<parameter=code>\nprint(6 * 7)\n" in prompt
@@ -334,7 +339,7 @@ def test_unknown_keys_are_ignored(tmp_path):
                                                                   "sampling": {"temperature": 0, "mirostat": 2}},
                                 "extra": 1}))
     chat, settings = _conversation(), TurnSettings()
-    transcript.load(chat, settings, path)
+    transcript.load(chat, settings, path, with_settings=True)
     assert chat.messages == HISTORY and settings.thinking is False and settings.sampling.temperature == 0
 
 
@@ -494,3 +499,26 @@ def test_ctrl_c_during_an_answer_keeps_the_conversation(capsys):
     assert "stopped" in err.getvalue()
     assert session.conversation.messages[-1] == {"role": "assistant", "content": "Half an ans"}
     assert capsys.readouterr().out == "Half an ans\n"
+
+
+def test_load_keeps_the_command_line_settings_unless_asked(tmp_path):
+    """The chat's own settings (as its command line set them) survive /load; /load FILE --settings takes the file's."""
+    saved = tmp_path / "chat.json"
+    transcript.save(_conversation(HISTORY, "Saved system."), TurnSettings(True, 64, 99, SamplingParams(seed=5)),
+                    saved)
+    session, err = _session()
+    session.settings = TurnSettings(False, None, 77, SamplingParams(temperature=0.2))
+    session.conversation.system = "From the command line."
+    assert run_chat(session, _script(f"/load {saved}", "/settings", "/system", "/think", "/thinking", "/tools")) == 0
+    assert session.conversation.messages == HISTORY
+    assert session.settings == TurnSettings(False, None, 77, SamplingParams(temperature=0.2))
+    log = err.getvalue()
+    assert "settings kept (/load FILE --settings takes the file's)" in log
+    assert "thinking off · budget off · max tokens 77 · reasoning shown · tools off" in log
+    assert "sampling: temperature 0.2, top-p 0.95, top-k 0, min-p 0, repeat penalty 1, seed random" in log
+    assert log.count("system prompt: From the command line.") == 2  # /settings, then /system
+    assert "\nthinking off\n" in log and "\nreasoning shown\n" in log and "\ntools off\n" in log
+
+    assert run_chat(session, _script(f"/load {saved} --settings", "/system off", "/system")) == 0
+    assert session.settings == TurnSettings(True, 64, 99, SamplingParams(seed=5))
+    assert "with its settings" in err.getvalue() and "no system prompt" in err.getvalue()
