@@ -120,6 +120,9 @@ class Event:
     kind: Literal["reasoning", "content", "done"]
     text: str = ""
     result: Result | None = None
+    # The request's reasoning tokens so far (None where unknown, as from a server): once the answer has begun it
+    # is the final count, so a display can say "thought for N tokens" with the number the Result will give.
+    reasoning_tokens: int | None = None
 
 
 @dataclass
@@ -438,12 +441,12 @@ class Engine:
 
     def _emit(self, slot: _Slot, data: bytes) -> Iterator[Event]:
         for piece in slot.splitter.feed(slot.decoder.decode(data)):
-            yield Event(slot.request.tag, piece.kind, piece.text)
+            yield Event(slot.request.tag, piece.kind, piece.text, reasoning_tokens=slot.result.reasoning_tokens)
 
     def _finish(self, slots: dict[int, _Slot], slot: _Slot, reason: FinishReason) -> Iterator[Event]:
         yield from self._emit(slot, b"")
         for piece in [*slot.splitter.feed(slot.decoder.decode(b"", final=True)), *slot.splitter.flush()]:
-            yield Event(slot.request.tag, piece.kind, piece.text)
+            yield Event(slot.request.tag, piece.kind, piece.text, reasoning_tokens=slot.result.reasoning_tokens)
         result = slot.result
         result.finish_reason = reason
         result.content, result.reasoning = slot.splitter.content.strip(), slot.splitter.reasoning.strip()

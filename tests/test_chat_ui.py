@@ -522,3 +522,52 @@ def test_load_keeps_the_command_line_settings_unless_asked(tmp_path):
     assert run_chat(session, _script(f"/load {saved} --settings", "/system off", "/system")) == 0
     assert session.settings == TurnSettings(True, 64, 99, SamplingParams(seed=5))
     assert "with its settings" in err.getvalue() and "no system prompt" in err.getvalue()
+
+
+def test_the_thought_summary_gives_the_engines_count(tiny_gguf):
+    """One source for token counts: "thought for N tokens" on a terminal is the Result's reasoning_tokens.
+
+    A scripted token stream through the real engine: multi-byte characters split over tokens and the closing
+    tag give fewer reasoning pieces than tokens, so counting pieces would disagree with the stats line.
+    """
+    import os
+    import pty
+
+    from cascade_local.cli.chat import TurnView
+    from cascade_local.engine import Engine, Request
+    from cascade_local.llama_model import LoadedModel
+    from cascade_local.oneshot import build_messages, render_prompt
+    from cascade_local.testing.scripted import ScriptedSampler
+
+    model = LoadedModel(tiny_gguf("q8_0"))
+    thought, answer = model.tokenize("café 👍🏽 हिन्दी plan"), model.tokenize("Paris")
+    think_close, im_end = 13, 11
+    engine = Engine(model, n_ctx=256, threads=2,
+                    sampler_factory=lambda _: ScriptedSampler([*thought, think_close, *answer, im_end]))
+    tokens = model.encode_prompt(render_prompt(model.template, build_messages("Capital?"), thinking=True))
+    master, slave = pty.openpty()  # a real terminal for the live block
+    try:
+        with engine, open(slave, "w", encoding="utf-8", closefd=True) as tty:
+            view = TurnView(Console(file=io.StringIO()), Console(file=tty, force_terminal=True, width=100),
+                            thinking=True, show_thinking=False)
+            result = None
+            for event in engine.stream(Request(tokens, max_tokens=50, in_reasoning=True)):
+                if event.kind == "done":
+                    result = event.result
+                else:
+                    view.feed(event)
+            view.close(result, False)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's other end is closed and everything was read
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(master)
+    assert result is not None and result.content == "Paris" and result.reasoning_tokens == len(thought) + 1
+    counts = re.findall(r"thought for (\d+) tokens", screen.decode("utf-8", "replace"))
+    assert counts == [str(result.reasoning_tokens)]
