@@ -123,6 +123,8 @@ class Event:
     # The request's reasoning tokens so far (None where unknown, as from a server): once the answer has begun it
     # is the final count, so a display can say "thought for N tokens" with the number the Result will give.
     reasoning_tokens: int | None = None
+    # The engine's Result as it fills (text pieces of the local engine): the counts of a stream stopped part-way.
+    progress: Result | None = None
 
 
 @dataclass
@@ -418,6 +420,7 @@ class Engine:
             yield from self._finish(slots, slot, "stop")
             return
         result.completion_tokens += 1
+        result.generation_seconds = time.perf_counter() - slot.started  # so far: a stopped stream has it too
         slot.generated.append(token)
         if slot.splitter.in_reasoning:
             result.reasoning_tokens += 1
@@ -441,7 +444,8 @@ class Engine:
 
     def _emit(self, slot: _Slot, data: bytes) -> Iterator[Event]:
         for piece in slot.splitter.feed(slot.decoder.decode(data)):
-            yield Event(slot.request.tag, piece.kind, piece.text, reasoning_tokens=slot.result.reasoning_tokens)
+            yield Event(slot.request.tag, piece.kind, piece.text, reasoning_tokens=slot.result.reasoning_tokens,
+                        progress=slot.result)
 
     def _finish(self, slots: dict[int, _Slot], slot: _Slot, reason: FinishReason) -> Iterator[Event]:
         yield from self._emit(slot, b"")

@@ -153,7 +153,14 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(endless_chat_pane, tm
     pane.type("hi")
     pane.wait(lambda s: ">>> hi\n" in s and len(s.split(">>> hi\n", 1)[1].strip()) > 20, "the answer to start")
     pane.key("C-c")
-    pane.wait(lambda s: re.search(r"^stopped\n>>>", s, re.M), "stopped, and the prompt")
+    # A stopped answer has its footer, and counts in /stats, as stopped.
+    screen = pane.wait(lambda s: re.search(r"^stopped: \d+ tokens \(0 thinking\), [\d.]+ tok/s.*\n>>>", s, re.M),
+                       "stopped with its stats line, and the prompt")
+    shown = int(re.search(r"^stopped: (\d+) tokens", screen, re.M).group(1))
+    assert shown > 0
+    pane.type("/stats")
+    pane.wait(lambda s: re.search(rf"session: 1 answer \(1 stopped\), {shown} tokens generated", s),
+              "the stopped answer in /stats")
     saved = tmp_path / "after.json"
     pane.type(f'/save "{saved}"')
     pane.wait(lambda s: "saved 2 messages" in s, "/save")

@@ -199,6 +199,7 @@ class ChatSession:
             result = self.conversation.last
         except KeyboardInterrupt:
             interrupted = True
+            result = self.conversation.last  # the stopped answer's counts, where the backend knows them
         finally:
             view.close(result, interrupted)
         self.record(result)

@@ -138,7 +138,7 @@ class TurnView:
             sys.stdout.flush()
         if self._plain_reasoning:  # the reasoning never gave way to an answer: end its line
             self.err.print()
-        if interrupted:
+        if interrupted and result is None:  # else the stats line below says "stopped"
             self.err.print("[yellow]stopped[/]")
         if result is not None:
             self.err.print(turn_stats(result), style="dim", highlight=False, soft_wrap=True)
