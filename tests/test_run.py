@@ -179,6 +179,12 @@ def test_an_answer_cut_off_while_thinking_is_said_and_exits_3(tiny_gguf):
     assert answered.returncode == 0 and answered.stdout.strip() and answered.stderr == ""
 
 
+def test_repeat_penalty_answers(tiny_gguf):
+    result = run_cli("run", str(tiny_gguf("q8_0")), "Hello", "--no-think", "--max-tokens", "4", "--repeat-penalty",
+                     "1.3", "--top-k", "5", "--min-p", "0.05", "--threads", "2", input="")
+    assert result.returncode == 0 and result.stdout.strip() and "Traceback" not in result.stderr, result.stderr
+
+
 def test_answer_streams_plain_to_stdout(tiny_gguf):
     result = run_cli("run", str(tiny_gguf("q8_0")), "Hello", "--no-think", "--max-tokens", "16", *GREEDY, input="")
     assert result.returncode == 0, result.stderr
