@@ -73,6 +73,7 @@ class ItemSettings:
     repeat_penalty: float | None = None
     seed: int | None = None
     system: str | None = None  # for items without a system message of their own
+    ignore_eos: bool = False
 
 
 # The keys an input line may set: JSON name -> (ItemSettings field, accepted JSON types, may be null).
@@ -521,7 +522,7 @@ def _item_settings(item: BatchItem, settings: ItemSettings,
         raise UsageError("max_tokens and budget must be at least 1")
     sampling = sampling_for(s.thinking, defaults=None if defaults is None else defaults[s.thinking],
                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                            repeat_penalty=s.repeat_penalty, seed=s.seed)
+                            repeat_penalty=s.repeat_penalty, seed=s.seed, ignore_eos=s.ignore_eos or None)
     return s, messages, sampling
 
 

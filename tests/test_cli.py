@@ -141,3 +141,33 @@ def test_a_closed_pipe_ends_quietly(tiny_gguf, command):
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and len(result.stdout.splitlines()) <= 1
+
+
+def test_sampling_and_thinking_options_are_spelled_the_same_everywhere():
+    """One declaration each (cli/options.py): the same flags, with the same help, in chat, run and batch."""
+    import typer.main
+
+    from cascade_local.cli.app import _register, app
+
+    _register()
+    group = typer.main.get_command(app)
+    shared = ["--temperature", "--top-p", "--top-k", "--min-p", "--repeat-penalty", "--seed", "--ignore-eos"]
+
+    def options(name: str) -> dict[str, tuple[tuple[str, ...], str]]:
+        return {opt: (tuple(p.opts + p.secondary_opts), p.help) for p in group.commands[name].params
+                for opt in p.opts}
+
+    chat, run, batch = options("chat"), options("run"), options("batch")
+    for flag in shared:
+        assert chat[flag] == run[flag] == batch[flag], flag
+    assert chat["--show-thinking"] == run["--show-thinking"]
+    assert chat["--show-thinking"][0] == ("--show-thinking", "--hide-thinking")
+
+
+def test_chat_takes_the_shared_sampling_options(tiny_gguf):
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "4", "--no-think", "--top-k", "1", "--min-p",
+                     "0.1", "--repeat-penalty", "1.1", "--show-thinking", input="Hi\n/settings\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "top-k 1, min-p 0.1, repeat penalty 1.1" in result.stderr and "reasoning shown" in result.stderr
+    hidden = run_cli("chat", str(tiny_gguf("q8_0")), "--hide-thinking", "--ignore-eos", input="/settings\n")
+    assert hidden.returncode == 0 and "reasoning hidden" in hidden.stderr and "ignore eos" in hidden.stderr

@@ -34,13 +34,13 @@ def batch(
     budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per item (reasoning included)."),
     system: str | None = typer.Option(None, "--system", help="System prompt for items without their own."),
-    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0: greedy (default from "
-                                             "models.toml per thinking mode)."),
-    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
-    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Keep the K likeliest tokens (0: off)."),
-    min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below P × the best."),
-    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats."),
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
+    temperature: float | None = options.TEMPERATURE,
+    top_p: float | None = options.TOP_P,
+    top_k: int | None = options.TOP_K,
+    min_p: float | None = options.MIN_P,
+    repeat_penalty: float | None = options.REPEAT_PENALTY,
+    seed: int | None = options.SEED,
+    ignore_eos: bool = options.IGNORE_EOS,
     ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length per item, in tokens."),
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,
@@ -66,7 +66,8 @@ def batch(
 
     if force and resume:
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
-    settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
+    settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system,
+                            ignore_eos)
     with open_batch(input, output, resume=resume is not False, force=force) as job, contextlib.ExitStack() as owned:
         engine: Engine | RemoteBackend | None = None
         if job.todo and endpoint:

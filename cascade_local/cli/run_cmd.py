@@ -32,21 +32,20 @@ def run(
                                     "from FILE (repeatable; placed before stdin and PROMPT)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (content, reasoning, usage, "
                                   "timings, finish_reason, model) instead of streaming the answer."),
-    show_thinking: bool = typer.Option(False, "--show-thinking", help="Stream the reasoning to stderr."),
+    show_thinking: bool | None = options.SHOW_THINKING,
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template; all output "
                              "is content."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens to generate (reasoning included)."),
-    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0: greedy (default from "
-                                             "models.toml: 1.0 thinking, 0.6 without)."),
-    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
-    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Keep the K likeliest tokens (0: off)."),
-    min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below P × the best."),
-    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats "
-                                                "(1.0: off)."),
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
+    temperature: float | None = options.TEMPERATURE,
+    top_p: float | None = options.TOP_P,
+    top_k: int | None = options.TOP_K,
+    min_p: float | None = options.MIN_P,
+    repeat_penalty: float | None = options.REPEAT_PENALTY,
+    seed: int | None = options.SEED,
+    ignore_eos: bool = options.IGNORE_EOS,
     ctx: int = typer.Option(8192, "--ctx", min=256, help="Context length in tokens."),
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,
@@ -78,7 +77,9 @@ def run(
         spec, instruction = oneshot.split_positionals(model, prompt)
     piped = None if sys.stdin is None or sys.stdin.isatty() else oneshot.decode_text(sys.stdin.buffer.read(), "stdin")
     sampling = oneshot.sampling_for(think and not raw, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+                                    min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                                    ignore_eos=ignore_eos or None)
+    show_thinking = bool(show_thinking)  # run hides the reasoning unless asked
     job = oneshot.OneShot(oneshot.compose_prompt(instruction, piped, file), system, think and not raw, budget,
                           max_tokens, sampling, raw)
     if tools is not None:
