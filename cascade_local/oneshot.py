@@ -31,10 +31,11 @@ OPEN_THINK, CLOSE_THINK = "<think>", "</think>"
 
 
 def looks_like_model(spec: str) -> bool:
-    """A positional argument names a model if it is an existing path, a registry name, or ends in .gguf."""
+    """A positional argument names a model if it is an existing path, a registry name, or a name ending in .gguf
+    without spaces (`run "explain model.gguf"` is a prompt)."""
     from cascade_local.registry import load_registry
 
-    if spec.endswith(".gguf"):
+    if spec.endswith(".gguf") and not any(c.isspace() for c in spec):
         return True
     try:
         if Path(spec).expanduser().exists():

@@ -45,6 +45,7 @@ def test_positionals_one_argument_is_the_prompt_unless_it_names_a_model(tmp_path
     assert split("Explain the theory of relativity", None) == (None, "Explain the theory of relativity")
     assert split(str(gguf), None) == (str(gguf), None)
     assert split("missing.gguf", None) == ("missing.gguf", None)  # so the user hears it is missing
+    assert split("explain model.gguf", None) == (None, "explain model.gguf")  # words: a prompt that names a file
     assert split("nemotron-cascade-2", None) == ("nemotron-cascade-2", None)
     assert split("Hello", "World") == ("Hello", "World")  # two arguments: always MODEL PROMPT
     assert split(None, None) == (None, None)
