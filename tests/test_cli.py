@@ -171,3 +171,12 @@ def test_chat_takes_the_shared_sampling_options(tiny_gguf):
     assert "top-k 1, min-p 0.1, repeat penalty 1.1" in result.stderr and "reasoning shown" in result.stderr
     hidden = run_cli("chat", str(tiny_gguf("q8_0")), "--hide-thinking", "--ignore-eos", input="/settings\n")
     assert hidden.returncode == 0 and "reasoning hidden" in hidden.stderr and "ignore eos" in hidden.stderr
+
+
+def test_chat_model_and_a_first_message(tiny_gguf):
+    """`chat MODEL "first message"`, as `ollama run MODEL PROMPT`: asked at once, then the chat goes on."""
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "Hi there", "--max-tokens", "4", "--no-think", "--temperature",
+                     "0", input="Again\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert ">>> Hi there\n" in result.stderr
+    assert len(result.stdout.splitlines()) == 2 and all(line.strip() for line in result.stdout.splitlines())

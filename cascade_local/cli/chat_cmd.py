@@ -12,7 +12,10 @@ from cascade_local.cli.console import err_console
 
 
 def chat(
-    model: str | None = typer.Argument(None, help="Registry name (default: nemotron-cascade-2) or a .gguf path."),
+    model: str | None = typer.Argument(None, metavar="MODEL", show_default=False, help="Registry name (default: "
+                                       "nemotron-cascade-2) or a .gguf path."),
+    message: str | None = typer.Argument(None, metavar="MESSAGE", show_default=False, help="A first message, asked "
+                                         "at once (as `ollama run MODEL PROMPT`); the chat goes on after it."),
     think: bool = typer.Option(True, "--think/--no-think", help="Start with thinking on or off."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
@@ -73,9 +76,10 @@ def chat(
     Not on a terminal, the answer is written as plain text (stdout) and lines
     are read from stdin as they come, so the chat can be scripted.
 
-    Example: cascade-local chat ./cascade2-q4.gguf --no-think
+    Example: cascade-local chat ./cascade2-q4.gguf "Hello!" --no-think
     """
     from cascade_local.cli.chat import ChatSession, history_file, plain_reader, run_chat, terminal_reader
+    from cascade_local.cli.chat.input import first_then
     from cascade_local.cli.chat.record import open_recorder
     from cascade_local.cli.console import out_console
     from cascade_local.conversation import Conversation, TurnSettings
@@ -137,4 +141,4 @@ def chat(
         if resumed is not None:
             err_console.print(resumed.message, highlight=False, markup=False)
         read = terminal_reader(history_file(home())) if sys.stdin.isatty() else plain_reader()
-        return run_chat(session, read)
+        return run_chat(session, first_then(message, read, err_console) if message is not None else read)

@@ -12,6 +12,7 @@ from cascade_local.cli.chat.commands import BLOCK, slash_completer
 
 if TYPE_CHECKING:
     from prompt_toolkit.key_binding import KeyPressEvent
+    from rich.console import Console
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -71,6 +72,21 @@ def plain_reader() -> Callable[[], str]:
 
     read.scripted = True  # type: ignore[attr-defined]  # see chat.loop.Reader
     return read
+
+
+def first_then(message: str, read: Callable[[], str], err: Console) -> Callable[[], str]:
+    """`chat MODEL MESSAGE`: MESSAGE is the first input (shown after the prompt, as if typed), then `read`'s."""
+    pending = [message]
+
+    def chained() -> str:
+        if pending:
+            err.print(PROMPT + pending[0], highlight=False, markup=False, soft_wrap=True)
+            return pending.pop()
+        return read()
+
+    for attribute in ("reads_ctrl_c", "scripted"):  # see chat.loop.Reader
+        setattr(chained, attribute, getattr(read, attribute, False))
+    return chained
 
 
 def history_file(folder: Path) -> Path | None:
