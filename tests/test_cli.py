@@ -180,3 +180,16 @@ def test_chat_model_and_a_first_message(tiny_gguf):
     assert result.returncode == 0, result.stderr
     assert ">>> Hi there\n" in result.stderr
     assert len(result.stdout.splitlines()) == 2 and all(line.strip() for line in result.stdout.splitlines())
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "batch"])
+def test_help_keeps_bracketed_words(command):
+    """Rich markup took "[endpoints]" for a style tag and printed "a URL or an  name"."""
+    result = run_cli(command, "--help", env={"COLUMNS": "300"})
+    assert result.returncode == 0
+    assert "an [endpoints] name" in result.stdout and "an  name" not in result.stdout
+
+
+def test_convert_force_names_the_option_it_overwrites():
+    result = run_cli("convert", "--help", env={"COLUMNS": "300"})
+    assert "Overwrite the --output file if it exists." in result.stdout

@@ -28,7 +28,7 @@ def batch(
     parallel: int = typer.Option(1, "--parallel", min=1, help="Items decoded at once (requests in flight with "
                                  "--endpoint)."),
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Ask an OpenAI-compatible "
-                                        "server instead of loading a model: a URL or an [endpoints] name. --model, "
+                                        "server instead of loading a model: a URL or an \\[endpoints] name. --model, "
                                         "if given, is the served model's name."),
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason (an item's \"think\" wins)."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),

@@ -30,7 +30,7 @@ def chat(
     ignore_eos: bool = options.IGNORE_EOS,
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per answer."),
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Chat with an OpenAI-compatible "
-                                        "server (vLLM, SGLang, llama-server): a URL or an [endpoints] name. MODEL, "
+                                        "server (vLLM, SGLang, llama-server): a URL or an \\[endpoints] name. MODEL, "
                                         "if given, is the served model's name."),
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,

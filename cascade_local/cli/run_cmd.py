@@ -54,7 +54,7 @@ def run(
     override_tensor: list[str] = options.OVERRIDE_TENSOR,
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Ask an OpenAI-compatible "
                                         "server (vLLM, SGLang, llama-server) instead of loading a model: a URL or "
-                                        "an [endpoints] name from models.toml. MODEL, if given, is the served name."),
+                                        "an \\[endpoints] name from models.toml. MODEL, if given, is the served name."),
     tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
                                      "reasons: python (runs its code in a local Jupyter kernel; needs --yes)."),
     yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking (run cannot ask)."),
