@@ -315,8 +315,8 @@ class Engine:
             raise UsageError("empty prompt")
         per_seq = self.n_ctx // self.n_seq_max
         if len(tokens) + 1 > per_seq:
-            raise UsageError(f"prompt of {len(tokens)} tokens does not fit the context "
-                             f"({self.n_ctx} tokens shared by {self.n_seq_max} sequences)")
+            shared = f" shared by {self.n_seq_max} sequences" if self.n_seq_max > 1 else ""
+            raise UsageError(f"prompt of {len(tokens)} tokens does not fit the context ({self.n_ctx} tokens{shared})")
         self._forget(seq)
         slot = _Slot(seq, request, self._sampler_factory(request.sampling), ThinkingSplitter(request.in_reasoning),
                      codecs.getincrementaldecoder("utf-8")(errors="replace"),

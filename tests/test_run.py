@@ -227,3 +227,10 @@ def test_help_has_an_example():
     result = run_cli("run", "--help")
     assert result.returncode == 0 and "Example: cascade-local run" in result.stdout
 
+
+
+def test_a_prompt_too_long_for_the_context_says_so_in_one_line(tiny_gguf):
+    result = run_cli("run", str(tiny_gguf("q8_0")), "word " * 400, "--ctx", "256", "--threads", "2", input="")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(r"prompt of \d+ tokens does not fit the context \(256 tokens\)$", result.stderr.strip()), \
+        result.stderr  # not "shared by 1 sequences"
