@@ -58,7 +58,7 @@ def test_chat_without_a_model_or_network_says_what_to_do(offline_home, how):
     assert "Traceback" not in result.stderr
     message = " ".join(result.stderr.split())
     assert "nvidia/Nemotron-Cascade-2-30B-A3B" in message
-    assert "cascade-local chat /path/to/model.gguf" in message
+    assert "give its path in place of the model name (/path/to/model.gguf;" in message
 
 
 def test_chat_with_a_file_that_is_not_gguf(tmp_path):

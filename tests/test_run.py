@@ -220,7 +220,9 @@ def test_exit_codes(tiny_gguf, args, code, message):
 def test_a_lone_prompt_uses_the_default_model(tmp_path):
     env = {"CASCADE_LOCAL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     result = run_cli("run", "Hello there", env=env, input="")
-    assert result.returncode == 2 and "nvidia/Nemotron-Cascade-2-30B-A3B" in " ".join(result.stderr.split())
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "nvidia/Nemotron-Cascade-2-30B-A3B" in message
+    assert "cascade-local chat" not in message and "give its path in place of the model name" in message
 
 
 def test_help_has_an_example():
