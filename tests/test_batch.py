@@ -245,3 +245,25 @@ def test_items_without_an_answer_are_counted_apart_and_the_exit_says_so(tiny_ggu
     fixed = run_cli(*args, "--no-think")
     assert fixed.returncode == 0, fixed.stderr
     assert "2 items: 1 answered, 0 failed, 1 already done" in fixed.stderr
+
+
+def test_ctrl_c_says_how_to_resume(tiny_gguf, tmp_path):
+    inp = write_lines(tmp_path / "in.txt", [f"Question {i}" for i in range(20)])
+    out = tmp_path / "out.jsonl"
+    job = subprocess.Popen([*CLI, "batch", str(inp), "-o", str(out), "-m", str(tiny_gguf("q8_0")), "--no-think",
+                            "--max-tokens", "100000", "--ignore-eos", "--threads", "2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "NO_COLOR": "1", "COLUMNS": "300"})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (tmp_path / "out.jsonl").exists():
+            time.sleep(0.05)
+        time.sleep(1.0)  # loaded and decoding
+        job.send_signal(signal.SIGINT)
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 130 and stdout == "" and "Traceback" not in stderr, stderr
+    assert f"interrupted: the answers so far are in {out}; run the same command again to resume" in stderr

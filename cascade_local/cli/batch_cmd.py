@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cascade_local.cli import options
 from cascade_local.cli.console import err_console
+
+if TYPE_CHECKING:
+    from cascade_local.batch import BatchSummary, ItemSettings
+    from cascade_local.runtime import PlacementOptions
 
 
 def batch(
@@ -58,16 +62,37 @@ def batch(
 
     Example: cascade-local batch questions.jsonl -o answers.jsonl --parallel 4 --max-tokens 1024
     """
-    from cascade_local.batch import ItemSettings, RemoteBackend, open_batch, run_batch
+    from cascade_local.batch import ItemSettings
     from cascade_local.cli.run_cmd import write_stdout
-    from cascade_local.engine import Engine
     from cascade_local.errors import UsageError
-    from cascade_local.runtime import PlacementOptions, open_engine
+    from cascade_local.runtime import PlacementOptions
 
     if force and resume:
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
     settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system,
                             ignore_eos)
+    try:
+        summary = _answer_all(input, output, model, endpoint, parallel, settings, resume, force, ctx, threads,
+                              PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+    except KeyboardInterrupt:
+        # Every record written is on disk; say how to go on rather than just "interrupted".
+        err_console.print(f"interrupted: the answers so far are in {output}; run the same command again to resume",
+                          style="yellow", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)
+    write_stdout(f"{output}\n")
+    if summary.unanswered:
+        raise typer.Exit(3)  # the job ran to the end, but not every item has an answer: scripts must hear it
+
+
+def _answer_all(input: Path, output: Path, model: str | None, endpoint: str | None, parallel: int,
+                settings: ItemSettings, resume: bool | None, force: bool, ctx: int, threads: int | None,
+                placement: PlacementOptions) -> BatchSummary:
+    """Opens the job, the engine or the server, and answers what is left; returns the BatchSummary."""
+    from cascade_local.batch import RemoteBackend, open_batch, run_batch
+    from cascade_local.engine import Engine
+    from cascade_local.runtime import open_engine
+
     with open_batch(input, output, resume=resume is not False, force=force) as job, contextlib.ExitStack() as owned:
         engine: Engine | RemoteBackend | None = None
         if job.todo and endpoint:
@@ -79,15 +104,10 @@ def batch(
             engine = RemoteBackend(remote, parallel)
         elif job.todo:  # everything answered already: no need to load a model
             with err_console.status("loading"):
-                local, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=PlacementOptions(
-                    gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor)))
+                local, _ = open_engine(model, ctx=ctx, parallel=parallel, threads=threads, placement=placement)
             engine = owned.enter_context(local)  # freed (context, then model) before the output is closed
         with _Progress() as progress:
-            summary = run_batch(job, engine, settings, observer=progress)
-    err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)
-    write_stdout(f"{output}\n")
-    if summary.unanswered:
-        raise typer.Exit(3)  # the job ran to the end, but not every item has an answer: scripts must hear it
+            return run_batch(job, engine, settings, observer=progress)
 
 
 class _Progress:
