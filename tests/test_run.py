@@ -236,3 +236,30 @@ def test_a_prompt_too_long_for_the_context_says_so_in_one_line(tiny_gguf):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert re.search(r"prompt of \d+ tokens does not fit the context \(256 tokens\)$", result.stderr.strip()), \
         result.stderr  # not "shared by 1 sequences"
+
+
+def test_ctrl_c_mid_answer_ends_the_answer_line_before_the_notice(tiny_gguf):
+    import signal
+    import time
+
+    child = subprocess.Popen([*CLI, "run", str(tiny_gguf("q8_0")), "Hello", "--no-think", "--ignore-eos",
+                              "--max-tokens", "1000000", "--threads", "2"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        assert child.stdout is not None
+        os.set_blocking(child.stdout.fileno(), False)
+        seen, deadline = b"", time.monotonic() + 60
+        while len(seen.strip()) < 20 and time.monotonic() < deadline:  # the answer is streaming
+            seen += child.stdout.read() or b""
+            time.sleep(0.02)
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=30)
+        os.set_blocking(child.stdout.fileno(), True)
+        seen += child.stdout.read()
+        stderr = child.stderr.read().decode() if child.stderr else ""
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert seen.strip() and seen.endswith(b"\n")

@@ -208,22 +208,30 @@ def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Resul
     from cascade_local.oneshot import trim_content
 
     last, wrote = None, False
-    for event in trim_content(events):
-        if event.kind == "done":
-            assert event.result is not None
-            if last == "reasoning" and show_thinking:
-                err_console.print()
-            if wrote:
-                write_stdout("\n")
-            return event.result
-        if event.kind == "reasoning" and show_thinking:
-            err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
-        elif event.kind == "content" and not json_out:
-            if last == "reasoning" and show_thinking:
-                err_console.print()
-            write_stdout(event.text)
-            wrote = True
-        last = event.kind
+    try:
+        for event in trim_content(events):
+            if event.kind == "done":
+                assert event.result is not None
+                if last == "reasoning" and show_thinking:
+                    err_console.print()
+                if wrote:
+                    write_stdout("\n")
+                return event.result
+            if event.kind == "reasoning" and show_thinking:
+                err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
+            elif event.kind == "content" and not json_out:
+                if last == "reasoning" and show_thinking:
+                    err_console.print()
+                write_stdout(event.text)
+                wrote = True
+            last = event.kind
+    except KeyboardInterrupt:
+        # End the lines written so far, so that the "interrupted" notice starts a line of its own.
+        if wrote:
+            write_stdout("\n")
+        elif last == "reasoning" and show_thinking:
+            err_console.print()
+        raise
     raise AssertionError("the engine ended a stream without a result")
 
 
