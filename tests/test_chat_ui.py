@@ -82,6 +82,8 @@ def test_parse_slash(line, expected):
     ("/save 'unclosed", "/save: No closing quotation"),
     ("/clear now", "/clear takes no argument"),
     ("/usr/bin/env", 'unknown command /usr/bin/env; /help lists them (to send a message that starts with /, wrap it'),
+    ("/exitt", "unknown command /exitt; did you mean /exit? /help lists them"),
+    ("/stat", "unknown command /stat; did you mean /stats? /help lists them"),
 ])
 def test_parse_slash_refuses_with_a_reason(line, message):
     with pytest.raises(SlashError, match="^" + re.escape(message)):

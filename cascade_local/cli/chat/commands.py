@@ -74,7 +74,11 @@ def parse_slash(line: str) -> Command:
     name = ALIASES.get(name.lower(), name.lower())
     arg = arg.strip()
     if name not in COMMANDS:
-        raise SlashError(f"unknown command {name}; /help lists them (to send a message that starts with /, "
+        import difflib
+
+        close = difflib.get_close_matches(name, [*COMMANDS, *ALIASES], n=1, cutoff=0.75)
+        guess = f"did you mean {ALIASES.get(close[0], close[0])}? " if close else ""
+        raise SlashError(f"unknown command {name}; {guess}/help lists them (to send a message that starts with /, "
                          f'wrap it in {BLOCK})')
     if name in TOGGLES:
         on, off = TOGGLES[name]
