@@ -95,6 +95,13 @@ def test_help_lists_every_command_and_multiline():
     assert all(name in text for name in COMMANDS) and '"""' in text
 
 
+def test_help_wraps_between_words_to_the_terminal():
+    narrow = help_text(60)
+    assert all(len(line) <= 60 for line in narrow.splitlines()), narrow
+    # Nothing lost or cut: the same words as at full width.
+    assert narrow.split() == help_text(1000).split()
+
+
 def test_completer_completes_commands_and_arguments_at_the_start_only(tmp_path):
     from prompt_toolkit.completion import CompleteEvent
     from prompt_toolkit.document import Document

@@ -113,10 +113,16 @@ def parse_slash(line: str) -> Command:
     return Command(name)
 
 
-def help_text() -> str:
+def help_text(columns: int = 100) -> str:
+    """The commands and keys, wrapped at word boundaries to `columns` (the terminal would break words)."""
+    import textwrap
+
     width = max(len(f"{n} {a}") for n, (a, _) in COMMANDS.items())
-    rows = [f"  {f'{n} {a}'.rstrip():<{width}}  {what}" for n, (a, what) in COMMANDS.items()]
-    return "\n".join(["Commands:", *rows, KEYS_HELP])
+    indent = " " * (width + 4)
+    rows = [textwrap.fill(what, max(columns, width + 24), initial_indent=f"  {f'{n} {a}'.rstrip():<{width}}  ",
+                          subsequent_indent=indent) for n, (a, what) in COMMANDS.items()]
+    keys = [textwrap.fill(line, max(columns, 40)) for line in KEYS_HELP.split("\n")]
+    return "\n".join(["Commands:", *rows, *keys])
 
 
 def slash_completer() -> Any:

@@ -98,7 +98,7 @@ class ChatSession:
         if name == "/exit":
             return Outcome(exit=True)
         if name == "/help":
-            return Outcome(help_text())
+            return Outcome(help_text(self.err.width))
         if name == "/settings":
             return Outcome(self.settings_text())
         if name == "/think":
