@@ -21,10 +21,14 @@ it does for an item that fails when it is prepared (a chat template error, a pro
 context). Each record is written with one `write` and flushed to disk with fsync, so a crash loses at
 most the items being decoded, and leaves at most one half-written last line.
 
-Resuming (the default when OUTPUT exists): ids with a successful record are skipped; ids whose records
-are all errors are tried again, and a new record is appended (an id's last record is its current
-state). A bad input line whose error is already recorded for the same line is not recorded again. A
-half-written last line is cut off before anything is appended.
+An item whose `max_tokens` ran out while it was still reasoning has a record with an empty `content` and
+`finish_reason` "length": it is counted as cut off, not answered.
+
+Resuming (the default when OUTPUT exists): ids with an answer are skipped; ids whose records are all
+errors or cut off are tried again (with a higher `max_tokens`, say), and a new record is appended (an
+id's last record is its current state). A bad input line whose error is already recorded for the same
+line is not recorded again (it still counts as failed). A half-written last line is cut off before
+anything is appended.
 """
 
 from __future__ import annotations
@@ -42,7 +46,14 @@ from typing import Any, Protocol
 from cascade_local.chat_template import Message
 from cascade_local.engine import Engine, Event, PromptCache, Request, Result
 from cascade_local.errors import CascadeError, UsageError
-from cascade_local.oneshot import build_messages, decode_text, render_prompt, sampling_for, usage_json
+from cascade_local.oneshot import (
+    build_messages,
+    cut_off_while_reasoning,
+    decode_text,
+    render_prompt,
+    sampling_for,
+    usage_json,
+)
 from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore
 from cascade_local.remote import ChatRequest, RemoteEngine
 
@@ -63,6 +74,7 @@ class ItemSettings:
     repeat_penalty: float | None = None
     seed: int | None = None
     system: str | None = None  # for items without a system message of their own
+    ignore_eos: bool = False
 
 
 # The keys an input line may set: JSON name -> (ItemSettings field, accepted JSON types, may be null).
@@ -215,7 +227,7 @@ def _options(obj: dict[str, Any]) -> dict[str, Any]:
 class OutputState:
     """What an existing OUTPUT already holds."""
 
-    done: set[str] = field(default_factory=set)  # id keys with a successful record
+    done: set[str] = field(default_factory=set)  # id keys with an answer
     errors: set[tuple[int, str]] = field(default_factory=set)  # (line, error) of recorded bad lines
     records: int = 0
     truncated_bytes: int = 0  # a half-written last line, cut off
@@ -236,7 +248,8 @@ def scan_output(data: bytes) -> tuple[OutputState, int]:
             continue
         state.records += 1
         if record.get("error") is None:
-            state.done.add(id_key(record["id"]))
+            if not _record_cut_off(record):
+                state.done.add(id_key(record["id"]))
         elif isinstance(record.get("line"), int):
             state.errors.add((record["line"], str(record["error"])))
     return state, keep
@@ -324,6 +337,11 @@ def result_record(item: BatchItem, result: Result) -> dict[str, Any]:
             "usage": usage_json(result), "finish_reason": result.finish_reason, "error": None}
 
 
+def _record_cut_off(record: Mapping[str, Any]) -> bool:
+    """A record without an error whose max_tokens ran out before any answer (see cut_off_while_reasoning)."""
+    return record.get("finish_reason") == "length" and not str(record.get("content") or "").strip()
+
+
 def error_record(item: BatchItem, error: str) -> dict[str, Any]:
     return {"id": item.id, "line": item.line, "content": None, "reasoning": None, "usage": None,
             "finish_reason": None, "error": error}
@@ -341,7 +359,7 @@ class BatchJob:
 
     @property
     def todo(self) -> list[BatchItem]:
-        """Usable items without a successful record yet."""
+        """Usable items without an answer yet."""
         done = self.output.state.done
         return [i for i in self.items if i.error is None and id_key(i.id) not in done]
 
@@ -350,6 +368,12 @@ class BatchJob:
         """Unusable lines whose error is not recorded yet."""
         seen = self.output.state.errors
         return [i for i in self.items if i.error is not None and (i.line, i.error) not in seen]
+
+    @property
+    def known_errors(self) -> int:
+        """Unusable lines whose error an earlier run recorded: still failed, not recorded again."""
+        seen = self.output.state.errors
+        return sum(1 for i in self.items if i.error is not None and (i.line, i.error) in seen)
 
     @property
     def already_done(self) -> int:
@@ -380,10 +404,11 @@ class BatchObserver(Protocol):
 
 @dataclass
 class BatchSummary:
-    items: int = 0  # lines of INPUT (usable or not)
+    items: int = 0  # lines of INPUT (usable or not): always answered + cut_off + failed + already_done
     already_done: int = 0  # answered by an earlier run, skipped
     answered: int = 0
-    failed: int = 0  # records written with an error in this run
+    cut_off: int = 0  # max_tokens ran out while reasoning: no answer
+    failed: int = 0  # records written with an error in this run, and bad lines an earlier run recorded
     completion_tokens: int = 0
     seconds: float = 0.0
     truncated_bytes: int = 0
@@ -393,14 +418,20 @@ class BatchSummary:
         return self.completion_tokens / self.seconds if self.seconds else 0.0
 
     @property
+    def unanswered(self) -> int:
+        """Items left without an answer (failed or cut off): the command exits non-zero when there are any."""
+        return self.failed + self.cut_off
+
+    @property
     def items_per_second(self) -> float:
         return self.answered / self.seconds if self.seconds else 0.0
 
     def line(self) -> str:
         """One line for a person (and for bench/batch_bench.py, which reads `in S s`)."""
         cut = f"; cut off a half-written last line ({self.truncated_bytes} bytes)" if self.truncated_bytes else ""
-        return (f"{self.items} items: {self.answered} answered, {self.failed} failed, {self.already_done} already "
-                f"done; {self.completion_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} "
+        cut_off = f"{self.cut_off} cut off while reasoning (raise --max-tokens), " if self.cut_off else ""
+        return (f"{self.items} items: {self.answered} answered, {cut_off}{self.failed} failed, {self.already_done} "
+                f"already done; {self.completion_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} "
                 f"tokens/s, {self.items_per_second:.2f} items/s){cut}")
 
 
@@ -436,7 +467,8 @@ def run_batch(job: BatchJob, engine: Engine | RemoteBackend | None, settings: It
     item evaluates only its own part (`share_prefix`).
     """
     todo, new_errors = job.todo, job.new_errors
-    summary = BatchSummary(len(job.items), job.already_done, truncated_bytes=job.output.state.truncated_bytes)
+    summary = BatchSummary(len(job.items), job.already_done, failed=job.known_errors,
+                           truncated_bytes=job.output.state.truncated_bytes)
     if observer is not None:
         observer.start(len(todo) + len(new_errors))
     started = time.perf_counter()
@@ -444,7 +476,9 @@ def run_batch(job: BatchJob, engine: Engine | RemoteBackend | None, settings: It
     def write(record: dict[str, Any], result: Result | None = None) -> None:
         job.output.write(record)
         tokens = result.completion_tokens if result is not None else 0
-        summary.answered += record["error"] is None
+        cut_off = result is not None and cut_off_while_reasoning(result)
+        summary.answered += record["error"] is None and not cut_off
+        summary.cut_off += cut_off
         summary.failed += record["error"] is not None
         summary.completion_tokens += tokens
         summary.seconds = time.perf_counter() - started
@@ -520,7 +554,7 @@ def _item_settings(item: BatchItem, settings: ItemSettings,
         raise UsageError("max_tokens and budget must be at least 1")
     sampling = sampling_for(s.thinking, defaults=None if defaults is None else defaults[s.thinking],
                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                            repeat_penalty=s.repeat_penalty, seed=s.seed)
+                            repeat_penalty=s.repeat_penalty, seed=s.seed, ignore_eos=s.ignore_eos or None)
     return s, messages, sampling
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class History:
         reasoning: list[str] = []
         content: list[str] = []
         finished = False
+        progress: Result | None = None
         try:
             for event in events:
                 if event.kind == "done":
@@ -41,10 +43,14 @@ class History:
                     finished = True
                 else:
                     (reasoning if event.kind == "reasoning" else content).append(event.text)
+                    progress = event.progress or progress
                 yield event
         finally:
             if not finished:  # interrupted: keep what was said, so the conversation goes on
-                self.last = None
+                # Counted as what it is, a stopped answer, with the engine's counts so far (None: none known).
+                self.last = None if progress is None else dataclasses.replace(
+                    progress, content="".join(content).strip(), reasoning="".join(reasoning).strip(),
+                    finish_reason="cancelled")
             self.messages.append({"role": "assistant", "content": "".join(content).strip(),
                                   "reasoning_content": "".join(reasoning).strip()})
 

@@ -122,6 +122,11 @@ class Event:
     kind: Literal["reasoning", "content", "done"]
     text: str = ""
     result: Result | None = None
+    # The request's reasoning tokens so far (None where unknown, as from a server): once the answer has begun it
+    # is the final count, so a display can say "thought for N tokens" with the number the Result will give.
+    reasoning_tokens: int | None = None
+    # The engine's Result as it fills (text pieces of the local engine): the counts of a stream stopped part-way.
+    progress: Result | None = None
 
 
 @dataclass
@@ -320,8 +325,8 @@ class Engine:
             raise UsageError("empty prompt")
         per_seq = self.n_ctx // self.n_seq_max
         if len(tokens) + 1 > per_seq:
-            raise UsageError(f"prompt of {len(tokens)} tokens does not fit the context "
-                             f"({self.n_ctx} tokens shared by {self.n_seq_max} sequences)")
+            shared = f" shared by {self.n_seq_max} sequences" if self.n_seq_max > 1 else ""
+            raise UsageError(f"prompt of {len(tokens)} tokens does not fit the context ({self.n_ctx} tokens{shared})")
         self._forget(seq)
         slot = _Slot(seq, request, self._sampler_factory(request.sampling), ThinkingSplitter(request.in_reasoning),
                      codecs.getincrementaldecoder("utf-8")(errors="replace"),
@@ -430,6 +435,7 @@ class Engine:
             yield from self._finish(slots, slot, "stop")
             return
         result.completion_tokens += 1
+        result.generation_seconds = time.perf_counter() - slot.started  # so far: a stopped stream has it too
         slot.generated.append(token)
         if slot.splitter.in_reasoning:
             result.reasoning_tokens += 1
@@ -453,12 +459,13 @@ class Engine:
 
     def _emit(self, slot: _Slot, data: bytes) -> Iterator[Event]:
         for piece in slot.splitter.feed(slot.decoder.decode(data)):
-            yield Event(slot.request.tag, piece.kind, piece.text)
+            yield Event(slot.request.tag, piece.kind, piece.text, reasoning_tokens=slot.result.reasoning_tokens,
+                        progress=slot.result)
 
     def _finish(self, slots: dict[int, _Slot], slot: _Slot, reason: FinishReason) -> Iterator[Event]:
         yield from self._emit(slot, b"")
         for piece in [*slot.splitter.feed(slot.decoder.decode(b"", final=True)), *slot.splitter.flush()]:
-            yield Event(slot.request.tag, piece.kind, piece.text)
+            yield Event(slot.request.tag, piece.kind, piece.text, reasoning_tokens=slot.result.reasoning_tokens)
         result = slot.result
         result.finish_reason = reason
         result.content, result.reasoning = slot.splitter.content.strip(), slot.splitter.reasoning.strip()

@@ -15,6 +15,12 @@ class UsageError(CascadeError):
     exit_code = 1
 
 
+class NoAnswerError(CascadeError):
+    """Generation stopped at the token limit while the model was still reasoning: there is no answer to give."""
+
+    exit_code = 3
+
+
 class CheckpointError(CascadeError):
     """A Hugging Face checkpoint folder is missing, malformed or of an unsupported architecture."""
 

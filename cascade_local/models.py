@@ -21,8 +21,9 @@ from cascade_local.paths import models_dir
 from cascade_local.registry import ModelEntry, load_registry
 
 LOCAL_HINT = (
-    "To use a local file instead: cascade-local chat /path/to/model.gguf "
-    "(make one from a downloaded checkpoint with: cascade-local convert CHECKPOINT_DIR -o model.gguf --recipe q4-moe)"
+    # Said to chat, run, batch, serve and pull users alike: it names no command.
+    "To use a local file instead, give its path in place of the model name (/path/to/model.gguf; "
+    "make one from a downloaded checkpoint with: cascade-local convert CHECKPOINT_DIR -o model.gguf --recipe q4-moe)"
 )
 
 

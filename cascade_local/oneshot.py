@@ -33,10 +33,11 @@ OPEN_THINK, CLOSE_THINK = "<think>", "</think>"
 
 
 def looks_like_model(spec: str) -> bool:
-    """A positional argument names a model if it is an existing path, a registry name, or ends in .gguf."""
+    """A positional argument names a model if it is an existing path, a registry name, or a name ending in .gguf
+    without spaces (`run "explain model.gguf"` is a prompt)."""
     from cascade_local.registry import load_registry
 
-    if spec.endswith(".gguf"):
+    if spec.endswith(".gguf") and not any(c.isspace() for c in spec):
         return True
     try:
         if Path(spec).expanduser().exists():
@@ -257,6 +258,16 @@ def _as_raw(events: Iterable[Event]) -> Iterator[Event]:
 
 
 # -- reporting ---------------------------------------------------------------------------------------
+
+
+def cut_off_while_reasoning(result: Result) -> bool:
+    """True when the token limit ended generation before the model wrote any answer."""
+    return result.finish_reason == "length" and not result.content.strip()
+
+
+def no_answer_message(result: Result) -> str:
+    return (f"stopped after {result.completion_tokens} tokens while reasoning, before any answer: raise "
+            "--max-tokens or set --budget")
 
 
 def usage_json(result: Result) -> dict[str, int]:

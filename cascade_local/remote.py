@@ -392,7 +392,8 @@ class _InlineThinking:
             head = self._start.lstrip()
             if len(head) < len(OPEN) and OPEN.startswith(head):
                 return []  # could still become "<think>"
-            self.splitter = ThinkingSplitter(in_reasoning=self._thinking and not head.startswith(OPEN))
+            self.splitter = ThinkingSplitter(in_reasoning=self._thinking and not head.startswith(OPEN),
+                                             may_open=head.startswith(OPEN))
             text, self._start = self._start, ""
         return self.splitter.feed(text)
 

@@ -51,7 +51,8 @@ class SamplerChain:
                 *[llama_cpp.llama_logit_bias(t, float("-inf")) for t in eog_tokens])
             add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
         if params.repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+            # This llama.cpp still takes n_vocab first (llama.h); without it the call raised a TypeError.
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         if params.temperature == 0:
             add(llama_cpp.llama_sampler_init_greedy())
             return

@@ -4,6 +4,10 @@ The tags may arrive whole (special tokens) or in pieces (`</th` + `ink>`), or ne
 opened `<think>` means the stream starts inside the reasoning, and a stream cut short by a token
 limit may never close it. Text that could still turn out to be the start of a tag is held back
 until the next piece decides it.
+
+Once the thought is closed (by the model, or by a prompt with thinking off, which ends in
+`<think></think>`), there is no thought left to open: later tags are answer text, so a stray
+`</think>` or `<think>` can never turn the answer into reasoning.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ class Piece:
 
 
 class ThinkingSplitter:
-    def __init__(self, in_reasoning: bool):
+    def __init__(self, in_reasoning: bool, may_open: bool = False):
+        """`in_reasoning`: the prompt opened the thought. `may_open`: it did not, and the model may write the
+        opening tag itself first (a server whose template leaves that to the model)."""
         self.in_reasoning = in_reasoning
+        self._may_open = may_open and not in_reasoning
         self._held = ""
         self.reasoning = ""
         self.content = ""
@@ -33,12 +40,15 @@ class ThinkingSplitter:
         self._held = ""
         out: list[Piece] = []
         while buf:
+            if not (self.in_reasoning or self._may_open):
+                self._emit(out, buf)  # the thought is over: everything else is the answer, tags and all
+                break
             tag = CLOSE if self.in_reasoning else OPEN
             at = buf.find(tag)
             if at >= 0:
                 self._emit(out, buf[:at])
                 buf = buf[at + len(tag) :]
-                self.in_reasoning = not self.in_reasoning
+                self.in_reasoning, self._may_open = not self.in_reasoning, False
                 continue
             keep = _partial_suffix(buf, tag)
             self._emit(out, buf[: len(buf) - keep])

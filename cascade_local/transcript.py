@@ -227,14 +227,17 @@ def save(conversation: Conversation, settings: TurnSettings, path: Path, *, forc
     return write_json(path, data, force=force)
 
 
-def load(conversation: Conversation, settings: TurnSettings, path: Path) -> Transcript:
-    """Replaces the conversation (and the settings the file records) with a saved one.
+def load(conversation: Conversation, settings: TurnSettings, path: Path, *, with_settings: bool = False
+         ) -> Transcript:
+    """Replaces the conversation's messages with a saved one's; with `with_settings`, its system prompt and the
+    settings the file records too (otherwise those the user chose for this chat stay).
 
     Everything is checked before anything changes: a bad file leaves the conversation as it was.
     """
     transcript = read(path)
     conversation.clear()  # also drops the evaluated-prompt cache, which belonged to the old history
     conversation.messages.extend(transcript.messages)
-    conversation.system = transcript.system
-    apply_settings(settings, transcript.settings)
+    if with_settings:
+        conversation.system = transcript.system
+        apply_settings(settings, transcript.settings)
     return transcript

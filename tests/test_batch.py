@@ -18,7 +18,12 @@ from cascade_local.engine import Engine
 from cascade_local.errors import UsageError
 from cascade_local.llama_model import LoadedModel
 
-GREEDY_SHORT = ItemSettings(max_tokens=4, temperature=0.0)
+GREEDY_SHORT = ItemSettings(max_tokens=4, temperature=0.0)  # with thinking: the tiny model is cut off reasoning
+ANSWERING = ItemSettings(thinking=False, max_tokens=4, temperature=0.0)
+
+
+def adds_up(summary) -> bool:
+    return summary.items == summary.answered + summary.cut_off + summary.failed + summary.already_done
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +134,8 @@ def test_errors_are_recorded_and_the_job_goes_on(engine, tmp_path):
     out = tmp_path / "out.jsonl"
     with open_batch(inp, out) as job:
         summary = run_batch(job, engine, GREEDY_SHORT)
-    assert (summary.items, summary.answered, summary.failed) == (4, 2, 2)
+    # "ok" thinks for all of its 4 tokens: a record, but no answer.
+    assert (summary.items, summary.answered, summary.cut_off, summary.failed) == (4, 1, 1, 2) and adds_up(summary)
     by_id = {r["id"]: r for r in records(out)}
     assert by_id[None]["line"] == 2 and "not valid JSON" in by_id[None]["error"]
     assert "raise --ctx" in by_id["long"]["error"] and by_id["long"]["content"] is None
@@ -139,22 +145,26 @@ def test_errors_are_recorded_and_the_job_goes_on(engine, tmp_path):
         assert set(r) == {"id", "line", "content", "reasoning", "usage", "finish_reason", "error"}
     assert by_id["chat"]["usage"]["reasoning_tokens"] == 0 and by_id["ok"]["usage"]["reasoning_tokens"] == 4
 
-    # Resumed: answered ids are skipped, the failed item is tried again, the bad line is not recorded twice.
+    # Resumed: answered ids are skipped, the failed and cut-off items are tried again, the bad line is not
+    # recorded twice but still counts as failed, so that the summary adds up.
     with open_batch(inp, out) as job:
-        assert [i.id for i in job.todo] == ["long"] and job.new_errors == []
+        assert [i.id for i in job.todo] == ["ok", "long"] and job.new_errors == []
         again = run_batch(job, engine, GREEDY_SHORT)
-    assert (again.already_done, again.answered, again.failed) == (2, 0, 1)
-    assert [r["id"] for r in records(out)].count("long") == 2 and len(records(out)) == 5
+    assert (again.already_done, again.answered, again.cut_off, again.failed) == (1, 0, 1, 2) and adds_up(again)
+    assert [r["id"] for r in records(out)].count("long") == 2 and len(records(out)) == 6
+    with open_batch(inp, out) as job:  # with room to answer, the cut-off item is answered
+        last = run_batch(job, engine, ANSWERING)
+    assert (last.already_done, last.answered, last.cut_off, last.failed) == (1, 1, 0, 2) and adds_up(last)
 
 
 def test_resume_answers_only_new_ids(engine, tmp_path):
     inp = write_lines(tmp_path / "in.txt", ["one", "two", "three"])
     out = tmp_path / "out.jsonl"
     with open_batch(inp, out) as job:
-        assert run_batch(job, engine, GREEDY_SHORT).answered == 3
+        assert run_batch(job, engine, ANSWERING).answered == 3
     write_lines(inp, ["one", "two", "three", "four", "five"])
     with open_batch(inp, out) as job:
-        summary = run_batch(job, engine, GREEDY_SHORT)
+        summary = run_batch(job, engine, ANSWERING)
     assert (summary.already_done, summary.answered) == (3, 2)
     assert sorted(r["id"] for r in records(out)) == [1, 2, 3, 4, 5]
     with open_batch(inp, out) as job:  # nothing left: no engine needed
@@ -175,7 +185,7 @@ def test_plain_text_batch_and_parallel_give_the_same_ids(tiny_gguf, tmp_path):
     for parallel in ("1", "2"):
         out = tmp_path / f"out{parallel}.jsonl"
         result = run_cli("batch", str(inp), "-o", str(out), "-m", str(tiny_gguf("q8_0")), "--max-tokens", "8",
-                         "--parallel", parallel, "--threads", "2")
+                         "--no-think", "--parallel", parallel, "--threads", "2")
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"{out}\n" and "\x1b[" not in result.stdout + result.stderr
         assert result.stderr.count("\n") == 1 and "4 items: 4 answered, 0 failed" in result.stderr
@@ -187,7 +197,8 @@ def test_killed_job_resumes_with_every_id_exactly_once(tiny_gguf, tmp_path):
     n = 40
     inp = write_lines(tmp_path / "in.jsonl", [{"id": f"q{i}", "prompt": f"Question number {i}"} for i in range(n)])
     out = tmp_path / "out.jsonl"
-    args = ["batch", str(inp), "-o", str(out), "-m", str(tiny_gguf("q8_0")), "--max-tokens", "16", "--threads", "2"]
+    args = ["batch", str(inp), "-o", str(out), "-m", str(tiny_gguf("q8_0")), "--max-tokens", "16", "--no-think",
+            "--threads", "2"]
     env = {**os.environ, "NO_COLOR": "1"}
     job = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -214,3 +225,45 @@ def test_killed_job_resumes_with_every_id_exactly_once(tiny_gguf, tmp_path):
     assert final[: len(written)] == written
     assert Counter(r["id"] for r in final) == Counter(f"q{i}" for i in range(n))
     assert all(r["error"] is None for r in final)
+
+
+def test_items_without_an_answer_are_counted_apart_and_the_exit_says_so(tiny_gguf, tmp_path):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hello"}, "{broken",
+                                              {"id": "b", "prompt": "Hi", "think": False}])
+    out = tmp_path / "out.jsonl"
+    args = ["batch", str(inp), "-o", str(out), "-m", str(tiny_gguf("q8_0")), "--max-tokens", "4", "--temperature",
+            "0", "--threads", "2"]
+    first = run_cli(*args)
+    assert (first.returncode, first.stdout) == (3, f"{out}\n"), first.stderr
+    assert "3 items: 1 answered, 1 cut off while reasoning (raise --max-tokens), 1 failed, 0 already done" \
+        in first.stderr
+    again = run_cli(*args)  # resumed: "a" is tried again, the bad line is still failed
+    assert again.returncode == 3, again.stderr
+    assert "3 items: 0 answered, 1 cut off while reasoning (raise --max-tokens), 1 failed, 1 already done" \
+        in again.stderr
+    write_lines(inp, [{"id": "a", "prompt": "Hello"}, {"id": "b", "prompt": "Hi", "think": False}])
+    fixed = run_cli(*args, "--no-think")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "2 items: 1 answered, 0 failed, 1 already done" in fixed.stderr
+
+
+def test_ctrl_c_says_how_to_resume(tiny_gguf, tmp_path):
+    inp = write_lines(tmp_path / "in.txt", [f"Question {i}" for i in range(20)])
+    out = tmp_path / "out.jsonl"
+    job = subprocess.Popen([*CLI, "batch", str(inp), "-o", str(out), "-m", str(tiny_gguf("q8_0")), "--no-think",
+                            "--max-tokens", "100000", "--ignore-eos", "--threads", "2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "NO_COLOR": "1", "COLUMNS": "300"})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (tmp_path / "out.jsonl").exists():
+            time.sleep(0.05)
+        time.sleep(1.0)  # loaded and decoding
+        job.send_signal(signal.SIGINT)
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 130 and stdout == "" and "Traceback" not in stderr, stderr
+    assert f"interrupted: the answers so far are in {out}; run the same command again to resume" in stderr

@@ -153,7 +153,14 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(endless_chat_pane, tm
     pane.type("hi")
     pane.wait(lambda s: ">>> hi\n" in s and len(s.split(">>> hi\n", 1)[1].strip()) > 20, "the answer to start")
     pane.key("C-c")
-    pane.wait(lambda s: re.search(r"^stopped\n>>>", s, re.M), "stopped, and the prompt")
+    # A stopped answer has its footer, and counts in /stats, as stopped.
+    screen = pane.wait(lambda s: re.search(r"^stopped: \d+ tokens \(0 thinking\), [\d.]+ tok/s.*\n>>>", s, re.M),
+                       "stopped with its stats line, and the prompt")
+    shown = int(re.search(r"^stopped: (\d+) tokens", screen, re.M).group(1))
+    assert shown > 0
+    pane.type("/stats")
+    pane.wait(lambda s: re.search(rf"session: 1 answer \(1 stopped\), {shown} tokens generated", s),
+              "the stopped answer in /stats")
     saved = tmp_path / "after.json"
     pane.type(f'/save "{saved}"')
     pane.wait(lambda s: "saved 2 messages" in s, "/save")
@@ -309,3 +316,27 @@ def test_two_chats_at_once_each_keep_their_own_conversation(tmp_path, tiny_gguf)
         messages = store.get(s.id).messages
         assert [m["content"] for m in messages[::2]] == [f"chat {name} question {n}" for n in (1, 2, 3)]
         assert all(m["role"] == "assistant" and m["completion_tokens"] == 8 for m in messages[1::2])
+
+
+def _sent_messages(home: Path) -> list[str]:
+    [summary] = _history(home).summaries()
+    return [m["content"] for m in _history(home).get(summary.id).messages if m["role"] == "user"]
+
+
+def test_a_block_is_sent_exactly_as_typed_and_as_pasted(quick_chat_pane):
+    """Enter inside a \"\"\" block adds a bare newline: no indentation copied from the line above."""
+    pane, home, rc = quick_chat_pane
+    pane.wait_prompts(1)
+    for line in ['"""', "a:", "    b", "c", 'd"""']:  # typed line by line
+        pane.type(line)
+    pane.wait_prompts(2)
+    # A paste without bracketed paste (tmux paste-buffer) arrives as keys, newlines as Enter.
+    pasted = 'def f(x):\n    if x:\n        return 1\n    return 2'
+    pane.tmux("set-buffer", "-b", "code", f'"""\n{pasted}\n"""')
+    pane.tmux("paste-buffer", "-b", "code", "-t", "chat")
+    pane.wait(lambda s: s.rstrip().endswith('... """'), "the pasted block")
+    pane.key("Enter")
+    pane.wait_prompts(3)
+    pane.type("/exit")
+    assert _wait_exit(pane, rc) == "0"
+    assert _sent_messages(home) == ["a:\n    b\nc\nd", pasted]

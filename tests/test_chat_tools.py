@@ -25,7 +25,7 @@ CALL = (f"<tool_call>\n<function={PYTHON_TOOL_NAME}>\n<parameter=code>\nprint(6*
 
 def test_tools_toggle_is_a_command_with_help():
     assert parse_slash("/tools on").value is True and parse_slash("/tools OFF").value is False
-    assert "/tools on|off" in help_text()
+    assert "/tools [on|off]" in help_text()
 
 
 # -- through the real command (piped) --------------------------------------------------------------------------

@@ -54,7 +54,12 @@ from cascade_local.transcript import TranscriptError
     ("/budget 512", Command("/budget", 512)),
     ("/budget off", Command("/budget", None)),
     ("/system  Be brief.  ", Command("/system", "Be brief.")),
-    ("/system", Command("/system", None)),
+    ("/system", Command("/system", None)),  # shows it
+    ("/system off", Command("/system", "")),  # removes it
+    ("/think", Command("/think", None)),
+    ("/tools", Command("/tools", None)),
+    ("/load chat.json --settings", Command("/load", Path("chat.json"), with_settings=True)),
+    ("/settings", Command("/settings")),
     ("/save chat.json", Command("/save", Path("chat.json"))),
     ("/save chat.json --force", Command("/save", Path("chat.json"), force=True)),
     ("/save --force 'my chat.json'", Command("/save", Path("my chat.json"), force=True)),
@@ -68,7 +73,7 @@ def test_parse_slash(line, expected):
 
 
 @pytest.mark.parametrize(("line", "message"), [
-    ("/think maybe", "usage: /think on|off"),
+    ("/think maybe", "usage: /think [on|off]"),
     ("/budget 0", "usage: /budget N|off"),
     ("/budget -3", "usage: /budget N|off"),
     ("/save", "usage: /save FILE [--force]"),
@@ -77,6 +82,8 @@ def test_parse_slash(line, expected):
     ("/save 'unclosed", "/save: No closing quotation"),
     ("/clear now", "/clear takes no argument"),
     ("/usr/bin/env", 'unknown command /usr/bin/env; /help lists them (to send a message that starts with /, wrap it'),
+    ("/exitt", "unknown command /exitt; did you mean /exit? /help lists them"),
+    ("/stat", "unknown command /stat; did you mean /stats? /help lists them"),
 ])
 def test_parse_slash_refuses_with_a_reason(line, message):
     with pytest.raises(SlashError, match="^" + re.escape(message)):
@@ -86,6 +93,13 @@ def test_parse_slash_refuses_with_a_reason(line, message):
 def test_help_lists_every_command_and_multiline():
     text = help_text()
     assert all(name in text for name in COMMANDS) and '"""' in text
+
+
+def test_help_wraps_between_words_to_the_terminal():
+    narrow = help_text(60)
+    assert all(len(line) <= 60 for line in narrow.splitlines()), narrow
+    # Nothing lost or cut: the same words as at full width.
+    assert narrow.split() == help_text(1000).split()
 
 
 def test_completer_completes_commands_and_arguments_at_the_start_only(tmp_path):
@@ -257,7 +271,7 @@ def test_transcript_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # the temporary file is gone
 
     other, other_settings = _conversation([{"role": "user", "content": "old"}]), TurnSettings()
-    transcript.load(other, other_settings, path)
+    transcript.load(other, other_settings, path, with_settings=True)
     assert other.messages == HISTORY and other.system == "Be brief."
     assert other_settings == settings
 
@@ -273,7 +287,7 @@ def test_transcript_round_trip_of_a_tool_turn(tmp_path):
     path = transcript.save(_conversation(history, "Be brief."), TurnSettings(), tmp_path / "chat.json")
 
     other = _conversation()
-    transcript.load(other, TurnSettings(), path)
+    transcript.load(other, TurnSettings(), path, with_settings=True)
     assert other.messages == history and other.system == "Be brief."
     prompt = ChatTemplate(default_template()).render(other.messages)  # what the next turn's prompt holds
     assert "<tool_call>\n<function=stateful_python_code_exec>\n<parameter=code>\nprint(6 * 7)\n" in prompt
@@ -334,7 +348,7 @@ def test_unknown_keys_are_ignored(tmp_path):
                                                                   "sampling": {"temperature": 0, "mirostat": 2}},
                                 "extra": 1}))
     chat, settings = _conversation(), TurnSettings()
-    transcript.load(chat, settings, path)
+    transcript.load(chat, settings, path, with_settings=True)
     assert chat.messages == HISTORY and settings.thinking is False and settings.sampling.temperature == 0
 
 
@@ -494,3 +508,75 @@ def test_ctrl_c_during_an_answer_keeps_the_conversation(capsys):
     assert "stopped" in err.getvalue()
     assert session.conversation.messages[-1] == {"role": "assistant", "content": "Half an ans"}
     assert capsys.readouterr().out == "Half an ans\n"
+
+
+def test_load_keeps_the_command_line_settings_unless_asked(tmp_path):
+    """The chat's own settings (as its command line set them) survive /load; /load FILE --settings takes the file's."""
+    saved = tmp_path / "chat.json"
+    transcript.save(_conversation(HISTORY, "Saved system."), TurnSettings(True, 64, 99, SamplingParams(seed=5)),
+                    saved)
+    session, err = _session()
+    session.settings = TurnSettings(False, None, 77, SamplingParams(temperature=0.2))
+    session.conversation.system = "From the command line."
+    assert run_chat(session, _script(f"/load {saved}", "/settings", "/system", "/think", "/thinking", "/tools")) == 0
+    assert session.conversation.messages == HISTORY
+    assert session.settings == TurnSettings(False, None, 77, SamplingParams(temperature=0.2))
+    log = err.getvalue()
+    assert "settings kept (/load FILE --settings takes the file's)" in log
+    assert "thinking off · budget off · max tokens 77 · reasoning shown · tools off" in log
+    assert "sampling: temperature 0.2, top-p 0.95, top-k 0, min-p 0, repeat penalty 1, seed random" in log
+    assert log.count("system prompt: From the command line.") == 2  # /settings, then /system
+    assert "\nthinking off\n" in log and "\nreasoning shown\n" in log and "\ntools off\n" in log
+
+    assert run_chat(session, _script(f"/load {saved} --settings", "/system off", "/system")) == 0
+    assert session.settings == TurnSettings(True, 64, 99, SamplingParams(seed=5))
+    assert "with its settings" in err.getvalue() and "no system prompt" in err.getvalue()
+
+
+def test_the_thought_summary_gives_the_engines_count(tiny_gguf):
+    """One source for token counts: "thought for N tokens" on a terminal is the Result's reasoning_tokens.
+
+    A scripted token stream through the real engine: multi-byte characters split over tokens and the closing
+    tag give fewer reasoning pieces than tokens, so counting pieces would disagree with the stats line.
+    """
+    import os
+    import pty
+
+    from cascade_local.cli.chat import TurnView
+    from cascade_local.engine import Engine, Request
+    from cascade_local.llama_model import LoadedModel
+    from cascade_local.oneshot import build_messages, render_prompt
+    from cascade_local.testing.scripted import ScriptedSampler
+
+    model = LoadedModel(tiny_gguf("q8_0"))
+    thought, answer = model.tokenize("café 👍🏽 हिन्दी plan"), model.tokenize("Paris")
+    think_close, im_end = 13, 11
+    engine = Engine(model, n_ctx=256, threads=2,
+                    sampler_factory=lambda _: ScriptedSampler([*thought, think_close, *answer, im_end]))
+    tokens = model.encode_prompt(render_prompt(model.template, build_messages("Capital?"), thinking=True))
+    master, slave = pty.openpty()  # a real terminal for the live block
+    try:
+        with engine, open(slave, "w", encoding="utf-8", closefd=True) as tty:
+            view = TurnView(Console(file=io.StringIO()), Console(file=tty, force_terminal=True, width=100),
+                            thinking=True, show_thinking=False)
+            result = None
+            for event in engine.stream(Request(tokens, max_tokens=50, in_reasoning=True)):
+                if event.kind == "done":
+                    result = event.result
+                else:
+                    view.feed(event)
+            view.close(result, False)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's other end is closed and everything was read
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(master)
+    assert result is not None and result.content == "Paris" and result.reasoning_tokens == len(thought) + 1
+    counts = re.findall(r"thought for (\d+) tokens", screen.decode("utf-8", "replace"))
+    assert counts == [str(result.reasoning_tokens)]

@@ -58,7 +58,7 @@ def test_chat_without_a_model_or_network_says_what_to_do(offline_home, how):
     assert "Traceback" not in result.stderr
     message = " ".join(result.stderr.split())
     assert "nvidia/Nemotron-Cascade-2-30B-A3B" in message
-    assert "cascade-local chat /path/to/model.gguf" in message
+    assert "give its path in place of the model name (/path/to/model.gguf;" in message
 
 
 def test_chat_with_a_file_that_is_not_gguf(tmp_path):
@@ -78,10 +78,28 @@ def test_chat_turn_and_thinking_toggle(tiny_gguf):
     result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "8", "--temperature", "0", input=script)
     assert result.returncode == 0, result.stderr
     assert "thinking off" in result.stderr
-    assert result.stdout.count(">>> ") == 4  # one prompt per line read
-    # Thinking on: the 8 tokens are all reasoning (stderr). Off: they are the answer (stdout).
-    first, second = result.stdout.split(">>> ")[1], result.stdout.split(">>> ")[3]
+    assert result.stderr.count(">>> ") == 4 and ">>>" not in result.stdout  # one prompt per line read, on stderr
+    # One line per answer on stdout. Thinking on: the 8 tokens are all reasoning (stderr). Off: they are the answer.
+    first, second = result.stdout.split("\n", 1)
     assert first.strip() == "" and second.strip() != ""
+
+
+def test_a_scripted_chat_writes_only_answers_to_stdout(tiny_gguf):
+    script = '"""\nTwo lines\nof question\n"""\n'
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "8", "--no-think", "--temperature", "0",
+                     input=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and not result.stdout.startswith((">>>", "...")) and "..." not in result.stdout
+    assert result.stderr.count(">>> ") == 2 and result.stderr.count("... ") == 3
+
+
+@pytest.mark.parametrize(("line", "message"), [("/exitt", "unknown command /exitt"),
+                                                ("/load /nonexistent/chat.json", "/nonexistent/chat.json")])
+def test_a_script_with_a_failed_command_ends_non_zero(tiny_gguf, line, message):
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "4", "--no-think", "--temperature", "0",
+                     input=f"{line}\nHi\n")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.strip()  # the script went on after the error: "Hi" was answered
 
 
 def test_chat_applies_placement_options(tiny_gguf):
@@ -123,3 +141,55 @@ def test_a_closed_pipe_ends_quietly(tiny_gguf, command):
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and len(result.stdout.splitlines()) <= 1
+
+
+def test_sampling_and_thinking_options_are_spelled_the_same_everywhere():
+    """One declaration each (cli/options.py): the same flags, with the same help, in chat, run and batch."""
+    import typer.main
+
+    from cascade_local.cli.app import _register, app
+
+    _register()
+    group = typer.main.get_command(app)
+    shared = ["--temperature", "--top-p", "--top-k", "--min-p", "--repeat-penalty", "--seed", "--ignore-eos"]
+
+    def options(name: str) -> dict[str, tuple[tuple[str, ...], str]]:
+        return {opt: (tuple(p.opts + p.secondary_opts), p.help) for p in group.commands[name].params
+                for opt in p.opts}
+
+    chat, run, batch = options("chat"), options("run"), options("batch")
+    for flag in shared:
+        assert chat[flag] == run[flag] == batch[flag], flag
+    assert chat["--show-thinking"] == run["--show-thinking"]
+    assert chat["--show-thinking"][0] == ("--show-thinking", "--hide-thinking")
+
+
+def test_chat_takes_the_shared_sampling_options(tiny_gguf):
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--max-tokens", "4", "--no-think", "--top-k", "1", "--min-p",
+                     "0.1", "--repeat-penalty", "1.1", "--show-thinking", input="Hi\n/settings\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "top-k 1, min-p 0.1, repeat penalty 1.1" in result.stderr and "reasoning shown" in result.stderr
+    hidden = run_cli("chat", str(tiny_gguf("q8_0")), "--hide-thinking", "--ignore-eos", input="/settings\n")
+    assert hidden.returncode == 0 and "reasoning hidden" in hidden.stderr and "ignore eos" in hidden.stderr
+
+
+def test_chat_model_and_a_first_message(tiny_gguf):
+    """`chat MODEL "first message"`, as `ollama run MODEL PROMPT`: asked at once, then the chat goes on."""
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "Hi there", "--max-tokens", "4", "--no-think", "--temperature",
+                     "0", input="Again\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert ">>> Hi there\n" in result.stderr
+    assert len(result.stdout.splitlines()) == 2 and all(line.strip() for line in result.stdout.splitlines())
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "batch"])
+def test_help_keeps_bracketed_words(command):
+    """Rich markup took "[endpoints]" for a style tag and printed "a URL or an  name"."""
+    result = run_cli(command, "--help", env={"COLUMNS": "300"})
+    assert result.returncode == 0
+    assert "an [endpoints] name" in result.stdout and "an  name" not in result.stdout
+
+
+def test_convert_force_names_the_option_it_overwrites():
+    result = run_cli("convert", "--help", env={"COLUMNS": "300"})
+    assert "Overwrite the --output file if it exists." in result.stdout

@@ -101,6 +101,15 @@ def scripted_engine(model, script, then=None) -> Engine:
     return Engine(model, n_ctx=256, n_seq_max=1, threads=2, sampler_factory=lambda _: ScriptedSampler(script, then))
 
 
+def test_with_thinking_off_a_stray_close_tag_is_answer_text(model):
+    """A scripted token source: answer, a stray </think>, more answer. The answer before it stays an answer."""
+    first, second = model.tokenize("Paris"), model.tokenize(" is big")
+    engine = scripted_engine(model, [*first, THINK_CLOSE, *second, IM_END])
+    result = engine.generate(Request(prompt(model, "Capital?", thinking=False), max_tokens=50, in_reasoning=False))
+    assert (result.reasoning, result.reasoning_tokens) == ("", 0)
+    assert result.content.startswith("Paris") and result.content.endswith(" is big")
+
+
 def test_stops_at_end_of_turn(model):
     """A scripted token source stands in for the model's choices: text, </think>, answer, <|im_end|>."""
     thought = model.tokenize("plan")

@@ -68,7 +68,8 @@ def test_pull_of_something_never_downloaded_offline_says_what_to_do(env):
     result = run_cli("pull", "not-cached", env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = " ".join(result.stderr.split())
-    assert "test/never-downloaded" in message and "cascade-local chat /path/to/model.gguf" in message
+    assert "test/never-downloaded" in message
+    assert "give its path in place of the model name (/path/to/model.gguf;" in message
     assert "no prebuilt GGUF is known" in run_cli("pull", "not-cached", "--gguf", env=env).stderr
 
 

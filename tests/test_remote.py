@@ -392,6 +392,6 @@ def test_chat_with_an_endpoint(server: Server):
 
     done = run_cli("chat", "--endpoint", server.url, "--no-think", "--max-tokens", "5", input="Hi\n/stats\n/exit\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count(">>> ") == 3 and "served by http://127.0.0.1" in " ".join(done.stderr.split())
+    assert done.stderr.count(">>> ") == 3 and "served by http://127.0.0.1" in " ".join(done.stderr.split())
     closed = run_cli("chat", "--endpoint", f"http://127.0.0.1:{free_port()}", "--no-think", input="Hi\n/exit\n")
     assert "cannot reach" in closed.stderr and "Traceback" not in closed.stderr

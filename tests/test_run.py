@@ -45,6 +45,7 @@ def test_positionals_one_argument_is_the_prompt_unless_it_names_a_model(tmp_path
     assert split("Explain the theory of relativity", None) == (None, "Explain the theory of relativity")
     assert split(str(gguf), None) == (str(gguf), None)
     assert split("missing.gguf", None) == ("missing.gguf", None)  # so the user hears it is missing
+    assert split("explain model.gguf", None) == (None, "explain model.gguf")  # words: a prompt that names a file
     assert split("nemotron-cascade-2", None) == ("nemotron-cascade-2", None)
     assert split("Hello", "World") == ("Hello", "World")  # two arguments: always MODEL PROMPT
     assert split(None, None) == (None, None)
@@ -140,8 +141,9 @@ def test_json_output_with_a_file_stdin_and_an_instruction(tiny_gguf, model, tmp_
     notes.write_text("Some notes.\n", encoding="utf-8")
     result = run_cli("run", str(tiny_gguf("q8_0")), "Summarize", "-f", str(notes), "--json", "--max-tokens", "12",
                      "--system", "Be brief", *GREEDY, input="A diff.\n")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == "" and result.stdout.count("\n") == 1 and not ANSI.search(result.stdout)
+    # The tiny model spends all 12 tokens thinking: the object is printed, and the exit says there is no answer.
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == NO_ANSWER.format(n=12) and result.stdout.count("\n") == 1 and not ANSI.search(result.stdout)
     out = json.loads(result.stdout)
     assert set(out) == {"content", "reasoning", "usage", "timings", "finish_reason", "model"}
     assert set(out["usage"]) == {"prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens"}
@@ -159,11 +161,29 @@ def test_show_thinking_sends_the_reasoning_to_stderr_only(tiny_gguf):
     args = ("run", str(tiny_gguf("q8_0")), "Hello", "--max-tokens", "12", *GREEDY)
     as_json = json.loads(run_cli(*args, "--json", input="").stdout)
     shown = run_cli(*args, "--show-thinking", input="")
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 3, shown.stderr
     assert as_json["reasoning"] and as_json["content"] == ""  # the tiny model spends all 12 tokens thinking
     assert shown.stdout == "" and as_json["reasoning"] in shown.stderr
     hidden = run_cli(*args, input="")
-    assert hidden.stdout == "" and hidden.stderr == ""
+    assert hidden.stdout == "" and hidden.stderr == NO_ANSWER.format(n=12)
+
+
+NO_ANSWER = ("error: stopped after {n} tokens while reasoning, before any answer: raise --max-tokens or set "
+             "--budget\n")
+
+
+def test_an_answer_cut_off_while_thinking_is_said_and_exits_3(tiny_gguf):
+    result = run_cli("run", str(tiny_gguf("q8_0")), "hi", "--max-tokens", "8", *GREEDY, input="")
+    assert (result.returncode, result.stdout, result.stderr) == (3, "", NO_ANSWER.format(n=8))
+    # The same limit with thinking off answers: the exit is 0.
+    answered = run_cli("run", str(tiny_gguf("q8_0")), "hi", "--max-tokens", "8", "--no-think", *GREEDY, input="")
+    assert answered.returncode == 0 and answered.stdout.strip() and answered.stderr == ""
+
+
+def test_repeat_penalty_answers(tiny_gguf):
+    result = run_cli("run", str(tiny_gguf("q8_0")), "Hello", "--no-think", "--max-tokens", "4", "--repeat-penalty",
+                     "1.3", "--top-k", "5", "--min-p", "0.05", "--threads", "2", input="")
+    assert result.returncode == 0 and result.stdout.strip() and "Traceback" not in result.stderr, result.stderr
 
 
 def test_answer_streams_plain_to_stdout(tiny_gguf):
@@ -200,10 +220,46 @@ def test_exit_codes(tiny_gguf, args, code, message):
 def test_a_lone_prompt_uses_the_default_model(tmp_path):
     env = {"CASCADE_LOCAL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     result = run_cli("run", "Hello there", env=env, input="")
-    assert result.returncode == 2 and "nvidia/Nemotron-Cascade-2-30B-A3B" in " ".join(result.stderr.split())
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "nvidia/Nemotron-Cascade-2-30B-A3B" in message
+    assert "cascade-local chat" not in message and "give its path in place of the model name" in message
 
 
 def test_help_has_an_example():
     result = run_cli("run", "--help")
     assert result.returncode == 0 and "Example: cascade-local run" in result.stdout
 
+
+
+def test_a_prompt_too_long_for_the_context_says_so_in_one_line(tiny_gguf):
+    result = run_cli("run", str(tiny_gguf("q8_0")), "word " * 400, "--ctx", "256", "--threads", "2", input="")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(r"prompt of \d+ tokens does not fit the context \(256 tokens\)$", result.stderr.strip()), \
+        result.stderr  # not "shared by 1 sequences"
+
+
+def test_ctrl_c_mid_answer_ends_the_answer_line_before_the_notice(tiny_gguf):
+    import signal
+    import time
+
+    child = subprocess.Popen([*CLI, "run", str(tiny_gguf("q8_0")), "Hello", "--no-think", "--ignore-eos",
+                              "--max-tokens", "1000000", "--threads", "2"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        assert child.stdout is not None
+        os.set_blocking(child.stdout.fileno(), False)
+        seen, deadline = b"", time.monotonic() + 60
+        while len(seen.strip()) < 20 and time.monotonic() < deadline:  # the answer is streaming
+            seen += child.stdout.read() or b""
+            time.sleep(0.02)
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=30)
+        os.set_blocking(child.stdout.fileno(), True)
+        seen += child.stdout.read()
+        stderr = child.stderr.read().decode() if child.stderr else ""
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert seen.strip() and seen.endswith(b"\n")

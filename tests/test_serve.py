@@ -404,7 +404,7 @@ def test_cascade_local_run_batch_and_chat_against_serve(server, tiny_gguf, tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first\nsecond\nthird\n")
     done = run_cli("batch", str(prompts), "-o", str(tmp_path / "out.jsonl"), "--endpoint", f"{server.url}/v1",
-                   "--parallel", "3", "--max-tokens", "4", "--temperature", "0")
+                   "--parallel", "3", "--max-tokens", "4", "--no-think", "--temperature", "0")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in records) == [1, 2, 3] and all(r["error"] is None for r in records)

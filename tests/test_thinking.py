@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from cascade_local.thinking import ThinkingSplitter
 
 
-def split_all(pieces: list[str], in_reasoning: bool) -> tuple[str, str]:
-    splitter = ThinkingSplitter(in_reasoning)
+def split_all(pieces: list[str], in_reasoning: bool, may_open: bool = False) -> tuple[str, str]:
+    splitter = ThinkingSplitter(in_reasoning, may_open)
     for piece in pieces:
         splitter.feed(piece)
     splitter.flush()
@@ -33,7 +33,21 @@ def test_any_cut_of_a_thinking_stream(points):
 @given(st.lists(st.integers(min_value=0, max_value=200), max_size=30))
 def test_any_cut_when_the_model_opens_its_own_think(points):
     text = "<think>plan</think>done <thin"
-    assert split_all(cut(text, points), in_reasoning=False) == ("plan", "done <thin")
+    assert split_all(cut(text, points), in_reasoning=False, may_open=True) == ("plan", "done <thin")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=200), max_size=30))
+def test_with_thinking_off_think_tags_are_answer_text(points):
+    """The prompt closed the thought: a stray </think> (or <think>) never turns the answer into reasoning."""
+    text = "Part one</think>part two <think>three</think> four"
+    assert split_all(cut(text, points), in_reasoning=False) == ("", text)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=200), max_size=30))
+def test_once_the_thought_is_closed_later_tags_are_answer_text(points):
+    text = "plan</think>answer <think>not a thought</think> end"
+    assert split_all(cut(text, points), in_reasoning=True) == (
+        "plan", "answer <think>not a thought</think> end")
 
 
 def test_never_closed_thinking_is_all_reasoning():

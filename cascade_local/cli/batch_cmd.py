@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cascade_local.cli import options
 from cascade_local.cli.console import err_console
+
+if TYPE_CHECKING:
+    from cascade_local.batch import BatchSummary, ItemSettings
+    from cascade_local.runtime import PlacementOptions
 
 
 def batch(
@@ -28,19 +33,19 @@ def batch(
     parallel: int = typer.Option(1, "--parallel", min=1, help="Items decoded at once (requests in flight with "
                                  "--endpoint)."),
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Ask an OpenAI-compatible "
-                                        "server instead of loading a model: a URL or an [endpoints] name. --model, "
+                                        "server instead of loading a model: a URL or an \\[endpoints] name. --model, "
                                         "if given, is the served model's name."),
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason (an item's \"think\" wins)."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per item (reasoning included)."),
     system: str | None = typer.Option(None, "--system", help="System prompt for items without their own."),
-    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0: greedy (default from "
-                                             "models.toml per thinking mode)."),
-    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
-    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Keep the K likeliest tokens (0: off)."),
-    min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below P × the best."),
-    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats."),
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
+    temperature: float | None = options.TEMPERATURE,
+    top_p: float | None = options.TOP_P,
+    top_k: int | None = options.TOP_K,
+    min_p: float | None = options.MIN_P,
+    repeat_penalty: float | None = options.REPEAT_PENALTY,
+    seed: int | None = options.SEED,
+    ignore_eos: bool = options.IGNORE_EOS,
     ctx: str = options.CTX,
     kv_type: str = options.KV_TYPE,
     cache_size: str = typer.Option("4GiB", "--cache-size", help="Disk for prompt states: a prefix every item "
@@ -57,24 +62,59 @@ def batch(
     """Answer every prompt of INPUT into OUTPUT (JSONL), resuming where a stopped or crashed run left off.
 
     Each record is on disk once written; bad lines and failed items are recorded with their error and the
-    job goes on. Resuming skips the ids answered in OUTPUT, retries those that failed, and cuts off a
-    half-written last line. Prints OUTPUT's path on stdout, a summary on stderr.
+    job goes on. Resuming skips the ids answered in OUTPUT, retries those that failed or were cut off by
+    --max-tokens while reasoning, and cuts off a half-written last line. Prints OUTPUT's path on stdout, a
+    summary on stderr. Exit codes: 0 every item answered, 1 usage error, 2 model error, 3 some items failed or
+    were cut off (their records say why), 130 interrupted.
 
     Example: cascade-local batch questions.jsonl -o answers.jsonl --parallel 4 --max-tokens 1024
     """
-    from cascade_local.batch import ItemSettings, RemoteBackend, open_batch, run_batch
+    from cascade_local.batch import ItemSettings
     from cascade_local.cli.run_cmd import write_stdout
-    from cascade_local.engine import Engine
     from cascade_local.errors import UsageError
-    from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
+    from cascade_local.placement import parse_size
+    from cascade_local.runtime import PlacementOptions, parse_ctx
 
     if force and resume:
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
-    from cascade_local.placement import parse_size
+    settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system,
+                            ignore_eos)
+    load = _Load(parse_ctx(ctx), kv_type, parse_size(cache_size), cache_min_tokens, threads,
+                 PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor), (rpc,) if rpc else ()))
+    try:
+        summary = _answer_all(input, output, model, endpoint, parallel, settings, resume, force, load)
+    except KeyboardInterrupt:
+        # Every record written is on disk; say how to go on rather than just "interrupted".
+        err_console.print(f"interrupted: the answers so far are in {output}; run the same command again to resume",
+                          style="yellow", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)
+    write_stdout(f"{output}\n")
+    if summary.unanswered:
+        raise typer.Exit(3)  # the job ran to the end, but not every item has an answer: scripts must hear it
 
-    cache_budget = parse_size(cache_size)
+
+@dataclass(frozen=True)
+class _Load:
+    """How a local model is loaded for the job, and the disk its shared prompt prefixes may use."""
+
+    ctx: int | None  # None: --ctx auto
+    kv_type: str
+    cache_bytes: int
+    cache_min_tokens: int
+    threads: int | None
+    placement: PlacementOptions
+
+
+def _answer_all(input: Path, output: Path, model: str | None, endpoint: str | None, parallel: int,
+                settings: ItemSettings, resume: bool | None, force: bool, load: _Load) -> BatchSummary:
+    """Opens the job, the engine or the server, and answers what is left; returns the BatchSummary."""
+    from cascade_local.batch import RemoteBackend, open_batch, run_batch
+    from cascade_local.engine import Engine
+    from cascade_local.runtime import open_engine
+
     disk = None
-    settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system)
+
     with open_batch(input, output, resume=resume is not False, force=force) as job, contextlib.ExitStack() as owned:
         engine: Engine | RemoteBackend | None = None
         if job.todo and endpoint:
@@ -86,18 +126,16 @@ def batch(
             engine = RemoteBackend(remote, parallel)
         elif job.todo:  # everything answered already: no need to load a model
             with err_console.status("loading"):
-                local, _ = open_engine(model, ctx=parse_ctx(ctx), parallel=parallel, threads=threads,
-                                       kv_type=kv_type, placement=PlacementOptions(
-                    gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor), (rpc,) if rpc else ()))
+                local, _ = open_engine(model, ctx=load.ctx, parallel=parallel, threads=load.threads,
+                                       kv_type=load.kv_type, placement=load.placement)
             engine = owned.enter_context(local)  # freed (context, then model) before the output is closed
-            if cache_budget:
+            if load.cache_bytes:
                 from cascade_local.prompt_store import PromptStore, default_folder, model_identity
 
-                disk = PromptStore(default_folder(), model_identity(local.model.path, kv_type), budget=cache_budget)
+                disk = PromptStore(default_folder(), model_identity(local.model.path, load.kv_type),
+                                   budget=load.cache_bytes)
         with _Progress() as progress:
-            summary = run_batch(job, engine, settings, observer=progress, disk=disk, min_tokens=cache_min_tokens)
-    err_console.print(f"{summary.line()} -> {output}", highlight=False, markup=False, soft_wrap=True)
-    write_stdout(f"{output}\n")
+            return run_batch(job, engine, settings, observer=progress, disk=disk, min_tokens=load.cache_min_tokens)
 
 
 class _Progress:

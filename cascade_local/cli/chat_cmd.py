@@ -12,25 +12,26 @@ from cascade_local.cli.console import err_console
 
 
 def chat(
-    model: str | None = typer.Argument(None, help="Registry name (default: nemotron-cascade-2) or a .gguf path."),
+    model: str | None = typer.Argument(None, metavar="MODEL", show_default=False, help="Registry name (default: "
+                                       "nemotron-cascade-2) or a .gguf path."),
+    message: str | None = typer.Argument(None, metavar="MESSAGE", show_default=False, help="A first message, asked "
+                                         "at once (as `ollama run MODEL PROMPT`); the chat goes on after it."),
     think: bool = typer.Option(True, "--think/--no-think", help="Start with thinking on or off."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
-    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Show only a one-line summary of the reasoning "
-                                       "(on a terminal; nothing when stderr is not one). /thinking show|hide "
-                                       "switches it."),
+    show_thinking: bool | None = options.SHOW_THINKING,
     ctx: str = options.CTX,
     kv_type: str = options.KV_TYPE,
-    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (0: greedy; "
-                                             "default from models.toml: 1.0 thinking, 0.6 without)."),
-    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold "
-                                       "(default from models.toml: 0.95)."),
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
+    temperature: float | None = options.TEMPERATURE,
+    top_p: float | None = options.TOP_P,
+    top_k: int | None = options.TOP_K,
+    min_p: float | None = options.MIN_P,
+    repeat_penalty: float | None = options.REPEAT_PENALTY,
+    seed: int | None = options.SEED,
+    ignore_eos: bool = options.IGNORE_EOS,
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens per answer."),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past the end of the turn, up to "
-                                    "--max-tokens (as llama.cpp's --ignore-eos; for benchmarks and tests)."),
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Chat with an OpenAI-compatible "
-                                        "server (vLLM, SGLang, llama-server): a URL or an [endpoints] name. MODEL, "
+                                        "server (vLLM, SGLang, llama-server): a URL or an \\[endpoints] name. MODEL, "
                                         "if given, is the served model's name."),
     threads: int | None = options.THREADS,
     gpu_mem: str = options.GPU_MEM,
@@ -77,12 +78,14 @@ def chat(
     Not on a terminal, the answer is written as plain text (stdout) and lines
     are read from stdin as they come, so the chat can be scripted.
 
-    Example: cascade-local chat ./cascade2-q4.gguf --no-think
+    Example: cascade-local chat ./cascade2-q4.gguf "Hello!" --no-think
     """
     from cascade_local.cli.chat import ChatSession, history_file, plain_reader, run_chat, terminal_reader
+    from cascade_local.cli.chat.input import first_then
     from cascade_local.cli.chat.record import open_recorder
     from cascade_local.cli.console import out_console
     from cascade_local.conversation import Conversation, TurnSettings
+    from cascade_local.oneshot import sampling_for
     from cascade_local.paths import home
     from cascade_local.registry import load_registry
     from cascade_local.remote_conversation import RemoteConversation
@@ -123,17 +126,15 @@ def chat(
         entry = load_registry().get(None)  # the recommended sampling of the model family
 
         def sampling(thinking: bool) -> SamplingParams:
-            defaults = entry.sampling_defaults(thinking)
-            return SamplingParams(temperature=temperature if temperature is not None
-                                  else defaults.get("temperature", 1.0),
-                                  top_p=top_p if top_p is not None else defaults.get("top_p", 0.95), seed=seed,
-                                  ignore_eos=ignore_eos)
+            return sampling_for(thinking, defaults=entry.sampling_defaults(thinking), temperature=temperature,
+                                top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                                ignore_eos=ignore_eos or None)
 
         model_name = str(conversation.model.path) if plan is not None else (model or endpoint)
         recorder = None if no_log else open_recorder(err_console, model_name)
         session = ChatSession(conversation, TurnSettings(think, budget, max_tokens, sampling(think)),  # type: ignore[arg-type]
-                              sampling, show_thinking=not hide_thinking, plan=plan, out=out_console, err=err_console,
-                              yes=yes, recorder=recorder)
+                              sampling, show_thinking=show_thinking is not False, plan=plan, out=out_console,
+                              err=err_console, yes=yes, recorder=recorder)
         resumed = session.resume(resume) if continue_ or resume is not None else None
         if tools is not None:
             session.enable_tools(tools)
@@ -143,4 +144,4 @@ def chat(
         if resumed is not None:
             err_console.print(resumed.message, highlight=False, markup=False)
         read = terminal_reader(history_file(home())) if sys.stdin.isatty() else plain_reader()
-        return run_chat(session, read)
+        return run_chat(session, first_then(message, read, err_console) if message is not None else read)

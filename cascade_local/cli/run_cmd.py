@@ -33,21 +33,20 @@ def run(
                                     "from FILE (repeatable; placed before stdin and PROMPT)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (content, reasoning, usage, "
                                   "timings, finish_reason, model) instead of streaming the answer."),
-    show_thinking: bool = typer.Option(False, "--show-thinking", help="Stream the reasoning to stderr."),
+    show_thinking: bool | None = options.SHOW_THINKING,
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Close the reasoning after N tokens."),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template; all output "
                              "is content."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Most tokens to generate (reasoning included)."),
-    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0: greedy (default from "
-                                             "models.toml: 1.0 thinking, 0.6 without)."),
-    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
-    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Keep the K likeliest tokens (0: off)."),
-    min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below P × the best."),
-    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", min=0.0, help="Penalty on repeats "
-                                                "(1.0: off)."),
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
+    temperature: float | None = options.TEMPERATURE,
+    top_p: float | None = options.TOP_P,
+    top_k: int | None = options.TOP_K,
+    min_p: float | None = options.MIN_P,
+    repeat_penalty: float | None = options.REPEAT_PENALTY,
+    seed: int | None = options.SEED,
+    ignore_eos: bool = options.IGNORE_EOS,
     ctx: str = options.CTX,
     kv_type: str = options.KV_TYPE,
     threads: int | None = options.THREADS,
@@ -58,7 +57,7 @@ def run(
     rpc: str | None = options.RPC,
     endpoint: str | None = typer.Option(None, "--endpoint", metavar="URL|NAME", help="Ask an OpenAI-compatible "
                                         "server (vLLM, SGLang, llama-server) instead of loading a model: a URL or "
-                                        "an [endpoints] name from models.toml. MODEL, if given, is the served name."),
+                                        "an \\[endpoints] name from models.toml. MODEL, if given, is the served name."),
     tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
                                      "reasons: python (runs its code in a local Jupyter kernel; needs --yes)."),
     yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking (run cannot ask)."),
@@ -71,7 +70,8 @@ def run(
 ) -> None:
     """Answer one prompt: the answer goes to stdout, everything else to stderr.
 
-    Stdin is read when it is not a terminal. Exit codes: 0 done, 1 usage error, 2 model error, 130 interrupted.
+    Stdin is read when it is not a terminal. Exit codes: 0 done, 1 usage error, 2 model error, 3 no answer (the
+    token limit ended the reasoning: raise --max-tokens or set --budget), 130 interrupted.
 
     Example: cascade-local run model.gguf "Explain this diff" < change.diff
     """
@@ -85,7 +85,9 @@ def run(
         spec, instruction = oneshot.split_positionals(model, prompt)
     piped = None if sys.stdin is None or sys.stdin.isatty() else oneshot.decode_text(sys.stdin.buffer.read(), "stdin")
     sampling = oneshot.sampling_for(think and not raw, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+                                    min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                                    ignore_eos=ignore_eos or None)
+    show_thinking = bool(show_thinking)  # run hides the reasoning unless asked
     job = oneshot.OneShot(oneshot.compose_prompt(instruction, piped, file), system, think and not raw, budget,
                           max_tokens, sampling, raw)
     if tools is not None:
@@ -118,6 +120,7 @@ def run(
             err_console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} thinking), "
                               f"{result.generation_tokens_per_second:.1f} tok/s, {result.finish_reason}",
                               style="dim", highlight=False)
+        _require_answer(result)
 
 
 LONG_PROMPT = 2048  # tokens: a prompt this long shows its reading progress
@@ -174,6 +177,16 @@ def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool,
     if json_out:
         name = engine.model or target.url
         write_stdout(json.dumps(oneshot.result_json(result, name), ensure_ascii=False) + "\n")
+    _require_answer(result)
+
+
+def _require_answer(result: Result) -> None:
+    """A run cut off while reasoning printed nothing: say so, and exit 3 so that scripts can tell."""
+    from cascade_local.errors import NoAnswerError
+    from cascade_local.oneshot import cut_off_while_reasoning, no_answer_message
+
+    if cut_off_while_reasoning(result):
+        raise NoAnswerError(no_answer_message(result))
 
 
 def _check_tools(tools: str, yes: bool, endpoint: str | None, raw: bool) -> None:
@@ -209,15 +222,16 @@ def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_th
             elif event.kind == "done":
                 answer = event.answer
     assert answer is not None
-    if log:
-        from cascade_local.cli.chat.tools import answer_result
+    from cascade_local.cli.chat.tools import answer_result
 
+    if log:
         asked = len(build_messages(job.prompt, job.system))  # the calls and their output come after the question
         _log_exchange(str(engine.model.path), job, answer.messages[asked:], answer_result(answer))
     if json_out:
         write_stdout(json.dumps({**answer.to_dict(), "model": engine.model.path.name}, ensure_ascii=False) + "\n")
     elif started:
         write_stdout("\n")
+    _require_answer(answer_result(answer))
 
 
 def _log_exchange(model: str, job: OneShot, calls: list[dict], result: Result) -> None:
@@ -244,22 +258,30 @@ def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Resul
     from cascade_local.oneshot import trim_content
 
     last, wrote = None, False
-    for event in trim_content(events):
-        if event.kind == "done":
-            assert event.result is not None
-            if last == "reasoning" and show_thinking:
-                err_console.print()
-            if wrote:
-                write_stdout("\n")
-            return event.result
-        if event.kind == "reasoning" and show_thinking:
-            err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
-        elif event.kind == "content" and not json_out:
-            if last == "reasoning" and show_thinking:
-                err_console.print()
-            write_stdout(event.text)
-            wrote = True
-        last = event.kind
+    try:
+        for event in trim_content(events):
+            if event.kind == "done":
+                assert event.result is not None
+                if last == "reasoning" and show_thinking:
+                    err_console.print()
+                if wrote:
+                    write_stdout("\n")
+                return event.result
+            if event.kind == "reasoning" and show_thinking:
+                err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
+            elif event.kind == "content" and not json_out:
+                if last == "reasoning" and show_thinking:
+                    err_console.print()
+                write_stdout(event.text)
+                wrote = True
+            last = event.kind
+    except KeyboardInterrupt:
+        # End the lines written so far, so that the "interrupted" notice starts a line of its own.
+        if wrote:
+            write_stdout("\n")
+        elif last == "reasoning" and show_thinking:
+            err_console.print()
+        raise
     raise AssertionError("the engine ended a stream without a result")
 
 

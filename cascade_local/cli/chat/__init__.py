@@ -36,13 +36,14 @@ from cascade_local.cli.chat.markdown import MarkdownAnswer, MarkdownBlocks, Mark
 from cascade_local.cli.chat.session import ChatSession, Outcome
 from cascade_local.cli.chat.stats import Totals, model_text, process_rss, stats_text, turn_stats
 from cascade_local.cli.chat.thinking import ThinkingBlock, thought_summary
-from cascade_local.cli.chat.tools import answer_result, ask_to_run
+from cascade_local.cli.chat.tools import answer_result, ask_to_run, exchange_messages
 from cascade_local.cli.chat.view import TurnView
 
 __all__ = [
     "ALIASES", "BLOCK", "COMMANDS", "CONTINUATION", "PROMPT", "TOGGLES", "ChatSession", "Command", "MarkdownAnswer",
     "MarkdownBlocks", "MarkdownStream", "Outcome", "Reader", "SlashError", "ThinkingBlock", "Totals", "TurnView",
-    "answer_result", "ask_to_run", "block_is_open", "help_text", "history_file", "interpret", "is_live",
+    "answer_result", "ask_to_run", "block_is_open", "exchange_messages", "help_text", "history_file", "interpret",
+    "is_live",
     "model_text", "parse_slash", "plain_reader", "process_rss", "read_message", "run_chat", "slash_completer",
     "stats_text", "terminal_reader", "terminal_safe", "thought_summary", "turn_stats",
 ]

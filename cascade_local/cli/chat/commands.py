@@ -21,15 +21,17 @@ BLOCK = '"""'
 
 # name -> (arguments, what it does). The order is the order of /help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "/think": ("on|off", "answer with reasoning first, or directly"),
-    "/thinking": ("show|hide", "stream the reasoning, or show only its one-line summary"),
+    "/think": ("[on|off]", "answer with reasoning first, or directly (no argument: show which)"),
+    "/thinking": ("[show|hide]", "stream the reasoning, or show only its one-line summary"),
     "/budget": ("N|off", "close the reasoning after N tokens"),
-    "/tools": ("on|off", "let the model run Python while it reasons (asks before each call unless --yes)"),
-    "/system": ("[TEXT]", "set the system prompt (no text: remove it)"),
+    "/tools": ("[on|off]", "let the model run Python while it reasons (asks before each call unless --yes)"),
+    "/system": ("[TEXT|off]", "set the system prompt, or remove it (no text: show it)"),
+    "/settings": ("", "show the settings of the next turn: thinking, budget, tokens, sampling, system prompt"),
     "/clear": ("", "forget the conversation (the system prompt stays)"),
     "/retry": ("", "ask the last question again"),
     "/save": ("FILE [--force]", "save the conversation as JSON (--force overwrites)"),
-    "/load": ("FILE|ID", "continue a saved conversation, or logged conversation ID, with its settings"),
+    "/load": ("FILE|ID [--settings]", "continue a saved conversation, or logged conversation ID (--settings: "
+              "take the file's settings and system prompt too)"),
     "/stats": ("", "tokens and speed: last answer, session, memory, placement; the logged conversation's id"),
     "/model": ("", "model file, architecture, parameters, quantization recipe"),
     "/help": ("", "this list"),
@@ -59,6 +61,7 @@ class Command:
     name: str
     value: Any = None
     force: bool = False
+    with_settings: bool = False  # /load FILE --settings
 
 
 def _usage(name: str) -> SlashError:
@@ -71,10 +74,16 @@ def parse_slash(line: str) -> Command:
     name = ALIASES.get(name.lower(), name.lower())
     arg = arg.strip()
     if name not in COMMANDS:
-        raise SlashError(f"unknown command {name}; /help lists them (to send a message that starts with /, "
+        import difflib
+
+        close = difflib.get_close_matches(name, [*COMMANDS, *ALIASES], n=1, cutoff=0.75)
+        guess = f"did you mean {ALIASES.get(close[0], close[0])}? " if close else ""
+        raise SlashError(f"unknown command {name}; {guess}/help lists them (to send a message that starts with /, "
                          f'wrap it in {BLOCK})')
     if name in TOGGLES:
         on, off = TOGGLES[name]
+        if not arg:
+            return Command(name, None)  # show the current value
         if arg.lower() not in (on, off):
             raise _usage(name)
         return Command(name, arg.lower() == on)
@@ -85,27 +94,35 @@ def parse_slash(line: str) -> Command:
             raise _usage(name)
         return Command(name, int(arg))
     if name == "/system":
-        return Command(name, arg or None)
+        # None shows the prompt, "" removes it.
+        return Command(name, "" if arg.lower() == "off" else arg or None)
     if name in ("/save", "/load"):
         try:
             words = shlex.split(arg)
         except ValueError as exc:  # an unclosed quote
             raise SlashError(f"{name}: {exc}") from None
         force = name == "/save" and "--force" in words
-        paths = [w for w in words if not (force and w == "--force")]
+        with_settings = name == "/load" and "--settings" in words
+        paths = [w for w in words if not (force and w == "--force") and not (with_settings and w == "--settings")]
         if len(paths) != 1:
             hint = " (quote a name that has spaces)" if len(paths) > 1 else ""
             raise SlashError(f"{_usage(name)}{hint}")
-        return Command(name, Path(paths[0]).expanduser(), force=force)
+        return Command(name, Path(paths[0]).expanduser(), force=force, with_settings=with_settings)
     if arg:
         raise SlashError(f"{name} takes no argument")
     return Command(name)
 
 
-def help_text() -> str:
+def help_text(columns: int = 100) -> str:
+    """The commands and keys, wrapped at word boundaries to `columns` (the terminal would break words)."""
+    import textwrap
+
     width = max(len(f"{n} {a}") for n, (a, _) in COMMANDS.items())
-    rows = [f"  {f'{n} {a}'.rstrip():<{width}}  {what}" for n, (a, what) in COMMANDS.items()]
-    return "\n".join(["Commands:", *rows, KEYS_HELP])
+    indent = " " * (width + 4)
+    rows = [textwrap.fill(what, max(columns, width + 24), initial_indent=f"  {f'{n} {a}'.rstrip():<{width}}  ",
+                          subsequent_indent=indent) for n, (a, what) in COMMANDS.items()]
+    keys = [textwrap.fill(line, max(columns, 40)) for line in KEYS_HELP.split("\n")]
+    return "\n".join(["Commands:", *rows, *keys])
 
 
 def slash_completer() -> Any:

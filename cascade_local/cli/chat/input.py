@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ from cascade_local.cli.chat.commands import BLOCK, slash_completer
 
 if TYPE_CHECKING:
     from prompt_toolkit.key_binding import KeyPressEvent
+    from rich.console import Console
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -53,9 +55,38 @@ def read_message(read_line: Callable[[str], str]) -> str:
     return text
 
 
+def _prompted_line(prompt: str) -> str:
+    """One line of stdin; the prompt goes to stderr, so that stdout (`chat < script > out.md`) holds only answers."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.removesuffix("\n")
+
+
 def plain_reader() -> Callable[[], str]:
-    """Line reading for a pipe or a file: input() as before, prompts and all, so scripts see what they always saw."""
-    return lambda: read_message(input)
+    """Line reading for a pipe or a file: a script. Its errors make the chat's exit code non-zero (see chat.loop)."""
+    def read() -> str:
+        return read_message(_prompted_line)
+
+    read.scripted = True  # type: ignore[attr-defined]  # see chat.loop.Reader
+    return read
+
+
+def first_then(message: str, read: Callable[[], str], err: Console) -> Callable[[], str]:
+    """`chat MODEL MESSAGE`: MESSAGE is the first input (shown after the prompt, as if typed), then `read`'s."""
+    pending = [message]
+
+    def chained() -> str:
+        if pending:
+            err.print(PROMPT + pending[0], highlight=False, markup=False, soft_wrap=True)
+            return pending.pop()
+        return read()
+
+    for attribute in ("reads_ctrl_c", "scripted"):  # see chat.loop.Reader
+        setattr(chained, attribute, getattr(read, attribute, False))
+    return chained
 
 
 def history_file(folder: Path) -> Path | None:
@@ -87,6 +118,12 @@ def terminal_reader(history: Path | None) -> Callable[[], str]:
             buffer.reset()
         else:
             event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
+
+    @keys.add("enter", filter=Condition(lambda: block_is_open(session.default_buffer.text)))
+    def _enter_in_block(event: KeyPressEvent) -> None:
+        # prompt_toolkit's own Enter copies the previous line's indentation onto the new one, which changes
+        # what is sent: typed indentation doubles, and a paste without bracketed paste arrives re-indented.
+        event.current_buffer.insert_text("\n")
 
     session: PromptSession[str] = PromptSession(
         history=FileHistory(str(history)) if history else InMemoryHistory(),

@@ -23,7 +23,8 @@ LEAVE_HINT = "Ctrl-C again or Ctrl-D to leave"
 class Reader(Protocol):
     """Returns the next input; raises EOFError at the end, KeyboardInterrupt for a Ctrl-C on an empty line.
 
-    A reader with a true `reads_ctrl_c` attribute takes Ctrl-C as a key itself (prompt_toolkit's).
+    A reader with a true `reads_ctrl_c` attribute takes Ctrl-C as a key itself (prompt_toolkit's). One with a
+    true `scripted` attribute reads a script (a pipe or a file), whose errors no one may be watching.
     """
 
     def __call__(self) -> str: ...
@@ -32,8 +33,10 @@ class Reader(Protocol):
 def run_chat(session: ChatSession, read: Reader, clock: Callable[[], float] = time.monotonic) -> int:
     """The read-answer loop; returns the exit code: 0 for /exit, end of input (Ctrl-D), and two Ctrl-C in a row.
 
-    Leaving a chat is not a failure, however it is done, so a script that wraps the chat sees 0. The reader
-    raises KeyboardInterrupt only for a Ctrl-C on an empty line (with text typed, Ctrl-C clears the line).
+    Leaving a chat is not a failure, however it is done. But a script (a reader marked `scripted`) in which
+    a command or a question failed (an unknown command, a /load that could not read its file) ends with 1,
+    so that the shell running it hears. The reader raises KeyboardInterrupt only for a Ctrl-C on an empty
+    line (with text typed, Ctrl-C clears the line).
     """
     try:
         with session.interrupts.installed():
@@ -44,6 +47,8 @@ def run_chat(session: ChatSession, read: Reader, clock: Callable[[], float] = ti
 
 def _chat_loop(session: ChatSession, read: Reader, clock: Callable[[], float]) -> int:
     err = session.err
+    scripted = getattr(read, "scripted", False)
+    failed = False  # a command or a question of a script failed
     warned_at: float | None = None  # when the last Ctrl-C at the prompt warned
     while True:
         try:
@@ -54,7 +59,7 @@ def _chat_loop(session: ChatSession, read: Reader, clock: Callable[[], float]) -
             kind, text = interpret(raw)
         except EOFError:
             err.print()
-            return 0
+            return 1 if failed else 0
         except KeyboardInterrupt:
             now = clock()
             if warned_at is not None and now - warned_at <= LEAVE_WINDOW:
@@ -68,7 +73,7 @@ def _chat_loop(session: ChatSession, read: Reader, clock: Callable[[], float]) -
             if kind == "command":
                 outcome = session.execute(parse_slash(text))
                 if outcome.exit:
-                    return 0
+                    return 1 if failed else 0
                 if outcome.message:
                     err.print(outcome.message, highlight=False, markup=False, soft_wrap=True)
                 kind, text = ("message", outcome.ask) if outcome.ask is not None else ("empty", "")
@@ -79,4 +84,5 @@ def _chat_loop(session: ChatSession, read: Reader, clock: Callable[[], float]) -
                     session.drop_failed(text)  # the question was not answered: it leaves no trace
                     raise
         except CascadeError as exc:
+            failed = scripted
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -98,13 +98,19 @@ class ChatSession:
         if name == "/exit":
             return Outcome(exit=True)
         if name == "/help":
-            return Outcome(help_text())
+            return Outcome(help_text(self.err.width))
+        if name == "/settings":
+            return Outcome(self.settings_text())
         if name == "/think":
-            settings.thinking, settings.sampling = value, self.sampling(value)
-            return Outcome(f"thinking {'on' if value else 'off'}")
+            if value is not None:
+                settings.thinking, settings.sampling = value, self.sampling(value)
+            return Outcome(f"thinking {'on' if settings.thinking else 'off'}")
         if name == "/thinking":
-            self.show_thinking = value
-            return Outcome("reasoning shown" if value else "reasoning hidden (only its summary is shown)")
+            if value is not None:
+                self.show_thinking = value
+            return Outcome("reasoning shown" if self.show_thinking else "reasoning hidden (only its summary is shown)")
+        if name == "/tools" and value is None:
+            return Outcome(f"tools {'on' if self.tools_on else 'off'}")
         if name == "/tools":
             if value:
                 self.enable_tools()
@@ -118,7 +124,9 @@ class ChatSession:
             settings.thinking_budget = value
             return Outcome(f"thinking budget {value if value else 'off'}")
         if name == "/system":
-            chat.system = value
+            if value is None:
+                return Outcome(f"system prompt: {chat.system}" if chat.system else "no system prompt")
+            chat.system = value or None
             return Outcome("system prompt set" if value else "system prompt removed")
         if name == "/clear":
             chat.clear()
@@ -136,12 +144,14 @@ class ChatSession:
         if name == "/load":
             if value.name.isdigit() and str(value) == value.name and not value.exists():
                 return self.resume(int(value.name))  # the id of a logged conversation
-            transcript.load(chat, settings, value)
+            transcript.load(chat, settings, value, with_settings=command.with_settings)
             chat.last = None
             if self.recorder is not None:
                 self.recorder.restart()  # the loaded messages are logged as a new conversation
             self.record()
-            return Outcome(f"loaded {len(chat.messages)} messages from {value} · thinking "
+            kept = ("with its settings" if command.with_settings
+                    else "settings kept (/load FILE --settings takes the file's)")
+            return Outcome(f"loaded {len(chat.messages)} messages from {value} · {kept} · thinking "
                            f"{'on' if settings.thinking else 'off'}")
         if name == "/stats":
             return Outcome(stats_text(chat.last, self.totals, self.plan) + "\n" + self._history_line())
@@ -149,6 +159,19 @@ class ChatSession:
             model = chat.model
             return Outcome(model_text(model.path, model.metadata, getattr(chat.engine, "n_ctx", None)))
         raise SlashError(f"{name} is not implemented")  # COMMANDS and this method disagree
+
+    def settings_text(self) -> str:
+        """What the next turn will use, one line per topic."""
+        s, p = self.settings, self.settings.sampling
+        budget = s.thinking_budget if s.thinking_budget else "off"
+        return "\n".join([
+            f"thinking {'on' if s.thinking else 'off'} · budget {budget} · max tokens {s.max_tokens} · reasoning "
+            f"{'shown' if self.show_thinking else 'hidden'} · tools {'on' if self.tools_on else 'off'}",
+            f"sampling: temperature {p.temperature:g}, top-p {p.top_p:g}, top-k {p.top_k}, min-p {p.min_p:g}, "
+            f"repeat penalty {p.repeat_penalty:g}, seed {p.seed if p.seed is not None else 'random'}"
+            + (", ignore eos" if p.ignore_eos else ""),
+            f"system prompt: {self.conversation.system}" if self.conversation.system else "no system prompt",
+        ])
 
     def _retry_tool_turn(self) -> str | None:
         """Drops a last exchange that had tool calls (the question and everything after it); returns the question."""
@@ -176,6 +199,7 @@ class ChatSession:
             result = self.conversation.last
         except KeyboardInterrupt:
             interrupted = True
+            result = self.conversation.last  # the stopped answer's counts, where the backend knows them
         finally:
             view.close(result, interrupted)
         self.record(result)

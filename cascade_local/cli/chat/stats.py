@@ -15,17 +15,19 @@ if TYPE_CHECKING:
 
 
 def turn_stats(r: Result) -> str:
-    line = (f"{r.completion_tokens} tokens ({r.reasoning_tokens} thinking), {r.generation_tokens_per_second:.1f} "
-            f"tok/s, prompt {r.prompt_tokens} ({r.cached_tokens} reused)")
+    stopped = "stopped: " if r.finish_reason == "cancelled" else ""
+    line = (f"{stopped}{r.completion_tokens} tokens ({r.reasoning_tokens} thinking), "
+            f"{r.generation_tokens_per_second:.1f} tok/s, prompt {r.prompt_tokens} ({r.cached_tokens} reused)")
     return line + (", cut at the token limit" if r.finish_reason == "length" else "")
 
 
 
 @dataclass
 class Totals:
-    """Counts over the answers of a session that finished (an interrupted answer reports no result)."""
+    """Counts over the answers of a session, those stopped with Ctrl-C included (and counted apart)."""
 
     answers: int = 0
+    stopped: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     prompt_tokens: int = 0
@@ -34,6 +36,7 @@ class Totals:
 
     def add(self, r: Result) -> None:
         self.answers += 1
+        self.stopped += r.finish_reason == "cancelled"
         self.completion_tokens += r.completion_tokens
         self.reasoning_tokens += r.reasoning_tokens
         self.prompt_tokens += r.prompt_tokens
@@ -62,7 +65,9 @@ def stats_text(last: Result | None, totals: Totals, plan: Plan | None) -> str:
     rows = [f"last answer: {turn_stats(last)}" if last else "last answer: none finished yet"]
     rate = totals.completion_tokens / totals.generation_seconds if totals.generation_seconds else 0.0
     evaluated = totals.prompt_tokens - totals.cached_tokens
-    rows.append(f"session: {totals.answers} answers, {totals.completion_tokens} tokens generated "
+    stopped = f" ({totals.stopped} stopped)" if totals.stopped else ""
+    rows.append(f"session: {totals.answers} answer{'' if totals.answers == 1 else 's'}{stopped}, "
+                f"{totals.completion_tokens} tokens generated "
                 f"({totals.reasoning_tokens} thinking) at {rate:.1f} tok/s, {evaluated} prompt tokens evaluated "
                 f"({totals.cached_tokens} reused)")
     rss = process_rss()

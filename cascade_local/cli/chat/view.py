@@ -49,9 +49,10 @@ class TurnView:
             self.thinking = ThinkingBlock(self.err, self.show_thinking)
             self._thought_blocks += 1
 
-    def _to_answer(self) -> None:
+    def _to_answer(self, reasoning_tokens: int | None = None) -> None:
         if self.thinking is not None:
-            self.thinking.collapse()
+            # The engine's count, when the event carries it: the same number as the stats line's "(N thinking)".
+            self.thinking.collapse(reasoning_tokens)
             self.thinking = None
         if self._plain_reasoning:  # the answer starts on its own line
             self.err.print()
@@ -116,7 +117,7 @@ class TurnView:
                 self.err.print(event.text, style="dim", end="", highlight=False, markup=False)
                 self._plain_reasoning = True
         elif event.kind == "content":
-            self._to_answer()
+            self._to_answer(getattr(event, "reasoning_tokens", None))
             if self.answer is not None:
                 self.answer.add(event.text)
             else:
@@ -137,7 +138,7 @@ class TurnView:
             sys.stdout.flush()
         if self._plain_reasoning:  # the reasoning never gave way to an answer: end its line
             self.err.print()
-        if interrupted:
+        if interrupted and result is None:  # else the stats line below says "stopped"
             self.err.print("[yellow]stopped[/]")
         if result is not None:
             self.err.print(turn_stats(result), style="dim", highlight=False, soft_wrap=True)
