@@ -11,12 +11,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from cascade_local.convert import convert, uniform_recipe
-from cascade_local.convert import pipeline
+from cascade_local.convert import convert, pipeline, uniform_recipe
 from cascade_local.convert.checkpoint import Checkpoint
 from cascade_local.convert.encode import CHUNK_VALUES, BlockEncoder, encode_rows
 from cascade_local.convert.gguf_stream import GGUFStreamWriter
 from cascade_local.convert.overlap import BlockWriter, ReadAhead
+
 from cascade_local.errors import ConversionError
 
 T = gguf.GGMLQuantizationType
