@@ -5,6 +5,8 @@ from `os.wait4`'s `ru_maxrss`, so a step's RSS is its own and nothing else's):
 
 * raw read: sequential read of the slice's shard files in 16 MB chunks into one reused buffer, the
   ceiling any converter that reads the checkpoint once can reach on this disk;
+* raw write: as many bytes as the slice's tensors, in 16 MB chunks from one reused buffer, to a file in
+  the output folder, then fsync (a BF16 conversion writes that much: its floor on this disk);
 * quantize-only, for each quantized `--types` and `--recipes` entry: the converter's encoder on every
   block of the slice, each block copied into memory first, so no I/O is timed (bench/convert_profile.py
   --quantize-only); the wall time of the child's encoding alone;
@@ -63,6 +65,22 @@ for path in sys.argv[1:]:
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(view):
             total += n
+print(total)
+"""
+
+# Run as `python -c RAW_WRITE_CHILD FILE N`: N bytes in 16 MB chunks, fsync'd, the file removed afterwards.
+RAW_WRITE_CHILD = """
+import os, sys
+path, n = sys.argv[1], int(sys.argv[2])
+view = memoryview(bytearray(os.urandom(1 << 20)) * 16)
+total = 0
+try:
+    with open(path, "wb", buffering=0) as fh:
+        while total < n:
+            total += fh.write(view[: min(len(view), n - total)])
+        os.fsync(fh.fileno())
+finally:
+    os.unlink(path)
 print(total)
 """
 
@@ -211,6 +229,15 @@ def measure_raw_read(info: SliceInfo, out_dir: Path) -> Row:
     return Row("raw read (16 MB chunks)", wall, rss, info.file_bytes, None)
 
 
+def measure_raw_write(info: SliceInfo, out_dir: Path) -> Row:
+    cmd = [sys.executable, "-c", RAW_WRITE_CHILD, str(out_dir / "raw_write.tmp"), str(info.tensor_bytes)]
+    log("timing the raw write baseline")
+    wall, rss, code, output = run_child(cmd, out_dir / "raw_write.log")
+    if code != 0 or output.split()[-1:] != [str(info.tensor_bytes)]:
+        raise StepFailed("raw write", code, output)
+    return Row("raw write (16 MB chunks, fsync)", wall, rss, 0, info.tensor_bytes)
+
+
 def measure_conversion(step: str, cmd: Sequence[str], gguf: Path, info: SliceInfo, out_dir: Path) -> Row:
     """Run one converter from a dropped page cache, record the output's size, then delete the output."""
     gguf.unlink(missing_ok=True)
@@ -324,11 +351,11 @@ def format_table(rows: Sequence[Row], info: SliceInfo) -> list[str]:
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for row in rows:
         read_mbps = row.read_bytes / row.wall_s / MB
+        read = f"{read_mbps:.0f} | {read_mbps / raw_mbps:.2f}" if row.read_bytes else "- | -"
         written = "-" if row.written_bytes is None else f"{row.written_bytes / GB:.2f}"
         write_mbps = "-" if row.written_bytes is None else f"{row.written_bytes / row.wall_s / MB:.0f}"
         lines.append(f"| {row.step} | {row.wall_s:.1f} | {row.peak_rss_bytes / GB:.2f} "
-                     f"| {row.peak_rss_bytes / info.layer_expert_bytes:.3f} | {written} | {read_mbps:.0f} "
-                     f"| {read_mbps / raw_mbps:.2f} | {write_mbps} "
+                     f"| {row.peak_rss_bytes / info.layer_expert_bytes:.3f} | {written} | {read} | {write_mbps} "
                      f"| {'-' if row.bound_s is None else f'{row.wall_s / row.bound_s:.2f}'} |")
     return lines
 
@@ -406,7 +433,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
     cache_dropped = drop_page_cache(info.shards)
     log("timing the raw read baseline")
-    rows = [measure_raw_read(info, args.out_dir)]
+    rows = [measure_raw_read(info, args.out_dir), measure_raw_write(info, args.out_dir)]
     raw_wall = rows[0].wall_s
     choices = [*args.types, *(f"recipe:{r}" for r in args.recipes)]
     bounds = {}
