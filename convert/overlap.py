@@ -14,8 +14,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-
-import numpy as np
+from typing import Any
 
 # How often a waiting thread looks up from its queue or condition to see whether it should stop.
 _POLL_S = 0.05
@@ -77,7 +76,7 @@ class BlockWriter:
 
     _END = object()
 
-    def __init__(self, write: Callable[[np.ndarray], None], depth: int):
+    def __init__(self, write: Callable[[Any], None], depth: int):
         self._write = write
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -93,7 +92,7 @@ class BlockWriter:
         self._stop.set()  # after an error or Ctrl-C: no more writes, whatever is still queued
         self._thread.join()
 
-    def put(self, data: np.ndarray, done: Callable[[], None]) -> None:
+    def put(self, data: object, done: Callable[[], None]) -> None:
         """Queue a block; waits while the queue is full, and raises the writer's error if it has failed."""
         self._hand_over((data, done))
 
@@ -129,7 +128,7 @@ class BlockWriter:
                 if item is self._END:
                     return
                 assert isinstance(item, tuple)
-                data: np.ndarray = item[0]
+                data: object = item[0]
                 done: Callable[[], None] = item[1]
                 self._write(data)
                 done()

@@ -233,12 +233,18 @@ def _stream_tensors(
                 ckpt.release(source)
         return done
 
+    def write(item: np.ndarray | tuple[int, int, int]) -> None:
+        if isinstance(item, tuple):
+            writer.copy_range(*item)
+        else:
+            writer.write(item)
+
     sizes = [b.source_bytes[1] - b.source_bytes[0] for b in blocks]
     rows: np.ndarray | None = None
     src_dtype = ""
     with (BlockEncoder(threads) as encoder,
           ReadAhead(read_ahead, sizes, READ_AHEAD_BYTES) as reader,
-          BlockWriter(writer.write, WRITE_QUEUE_BLOCKS) as block_writer):
+          BlockWriter(write, WRITE_QUEUE_BLOCKS) as block_writer):
         for block, size in zip(blocks, sizes, strict=True):
             tensor, source = planned[block.tensor], source_of(block)
             if block.first == 0:
@@ -251,11 +257,20 @@ def _stream_tensors(
                 rows = raw.reshape(-1, tensor.shape[-1])
             assert rows is not None
             weights = importance[block.tensor]
-            data = encoder.encode(rows[block.first : block.end], src_dtype, types[block.tensor],
-                                  weights[block.matrix] if weights is not None else None)
+            data: np.ndarray | tuple[int, int, int]
+            if _passes_through(tensor, src_dtype, types[block.tensor]):
+                data = ckpt.file_span(source, *block.source_bytes)  # the writer copies these bytes as they are
+            else:
+                data = encoder.encode(rows[block.first : block.end], src_dtype, types[block.tensor],
+                                      weights[block.matrix] if weights is not None else None)
             reader.consumed(size)
             block_writer.put(data, written(block))
         block_writer.finish()
+
+
+def _passes_through(tensor: PlannedTensor, src_dtype: str, qtype: gguf.GGMLQuantizationType) -> bool:
+    """Whether the tensor's stored bytes are its GGUF bytes (BF16 to BF16, F16 to F16, F32 to F32)."""
+    return tensor.transform is Transform.NONE and src_dtype == qtype.name and qtype.name in ("BF16", "F16", "F32")
 
 
 def _disk_error(exc: OSError, out: Path) -> ConversionError:

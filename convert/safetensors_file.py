@@ -147,6 +147,12 @@ class SafetensorsFile:
         if length > 0:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, length)
 
+    def file_span(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> tuple[int, int, int]:
+        """(file descriptor, offset in the file, length) of these bytes of a tensor, for in-kernel copies."""
+        entry = self.entries[name]
+        end = entry.nbytes if end_byte is None else end_byte
+        return self._fh.fileno(), self._data_start + entry.begin + first_byte, max(0, end - first_byte)
+
     def prefetch(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> None:
         """Ask the kernel to start reading these bytes of a tensor into the page cache, and return at once.
 

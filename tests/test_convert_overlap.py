@@ -174,3 +174,39 @@ def test_failed_write_mid_conversion_leaves_no_file_and_no_thread(tiny_dir, tmp_
         convert(tiny_dir, tmp_path / "o.gguf", uniform_recipe("q8_0"), threads=2)
     assert list(Path(tmp_path).iterdir()) == []
     assert stage_threads() == []
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copy_range_writes_the_file_bytes(tmp_path, monkeypatch, kernel_copy):
+    """BF16 passes through by copy_file_range; where the kernel refuses (another filesystem), by pread."""
+    if not kernel_copy:
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr("os.copy_file_range", refuse)
+    source = tmp_path / "shard.bin"
+    payload = np.random.default_rng(5).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    source.write_bytes(payload)
+    writer = GGUFStreamWriter(tmp_path / "x.gguf", "nemotron_h_moe")
+    writer.declare("a", (3, 32), T.F32)
+    writer.declare("b", (2, 32), T.F32)
+    writer.begin()
+    with open(source, "rb") as fh:
+        writer.copy_range(fh.fileno(), 100, 200)
+        writer.copy_range(fh.fileno(), 300, 184)  # the rest of a, continuing where the first copy ended
+        writer.write(np.arange(64, dtype=np.float32))
+    writer.finish()
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    assert got["a"].tobytes() == payload[100:484]
+    assert np.array_equal(got["b"].reshape(-1), np.arange(64, dtype=np.float32))
+
+
+def test_copy_range_from_a_shard_that_ends_early_is_an_error(tmp_path):
+    source = tmp_path / "shard.bin"
+    source.write_bytes(b"\1" * 200)  # truncated under the converter: 184 bytes asked from offset 100
+    writer = GGUFStreamWriter(tmp_path / "x.gguf", "nemotron_h_moe")
+    writer.declare("a", (3, 32), T.F32)
+    writer.begin()
+    with open(source, "rb") as fh, pytest.raises(ConversionError, match="ended early"):
+        writer.copy_range(fh.fileno(), 100, 384)
+    writer.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard.bin"]
