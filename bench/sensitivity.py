@@ -102,9 +102,9 @@ def measure(variant: Variant, checkpoint: Path, work: Path, reference, threads: 
 
 
 def suggest(base: Variant, measured: list[Variant], budget: int) -> dict:
-    """Greedy: take steps down where they cost the least KL per GB saved, and steps up where they remove the most KL
-    per GB added, while the estimated size stays within the budget. Estimates assume the steps add up; the bench
-    then measures the suggested recipe itself."""
+    """Greedy: take steps up by KL removed per GB added; when one does not fit the budget, pay for it with the
+    cheapest steps down (KL added per GB saved), but only when the step up removes more KL than those steps add.
+    Estimates assume the steps add up; the bench then measures the suggested recipe itself."""
     table = dict(base.raw)
     size = base.size
     overrides: list[dict] = []
@@ -112,21 +112,24 @@ def suggest(base: Variant, measured: list[Variant], budget: int) -> dict:
                    key=lambda v: (v.kl - base.kl) / (base.size - v.size))
     ups = sorted((v for v in measured if v.name.endswith(" up") and v.size > base.size and v.kl < base.kl),
                  key=lambda v: (base.kl - v.kl) / (v.size - base.size), reverse=True)
-    best_up_rate = (base.kl - ups[0].kl) / (ups[0].size - base.size) if ups else 0.0
-    for v in downs:  # only where the bytes buy more KL back than the step down costs
-        if (v.kl - base.kl) / (base.size - v.size) < best_up_rate:
-            cls = v.name.removesuffix(" down")
-            table[cls] = v.raw[cls]
-            size -= base.size - v.size
-    for v in ups:
-        if size + (v.size - base.size) > budget:
+    for up in ups:
+        funding: list[Variant] = []
+        short = size + (up.size - base.size) - budget
+        for down in downs:
+            if short <= 0:
+                break
+            funding.append(down)
+            short -= base.size - down.size
+        if short > 0 or base.kl - up.kl <= sum(d.kl - base.kl for d in funding):
             continue
-        if v.name.startswith("experts "):
-            overrides.extend(v.raw["override"])
-        else:
-            cls = v.name.removesuffix(" up")
-            table[cls] = v.raw[cls]
-        size += v.size - base.size
+        for step in [up, *funding]:
+            downs = [d for d in downs if d is not step]
+            if step.name.startswith("experts "):
+                overrides.extend(step.raw["override"])
+            else:
+                cls = step.name.rsplit(" ", 1)[0]
+                table[cls] = step.raw[cls]
+            size += step.size - base.size
     if overrides:
         table["override"] = overrides
     return table
