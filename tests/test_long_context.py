@@ -86,7 +86,7 @@ def test_run_reads_a_document_longer_than_the_old_default_window(tiny_gguf, tmp_
     doc = tmp_path / "doc.txt"
     doc.write_text("word " * 600)
     result = run_cli("run", str(tiny_gguf("q8_0")), "-f", str(doc), "Summarize", "--max-tokens", "3",
-                     "--temperature", "0", "--json")
+                     "--temperature", "0", "--json", "--no-think")
     assert result.returncode == 0, result.stderr
     usage = json.loads(result.stdout)["usage"]
     assert usage["prompt_tokens"] > 3000 and usage["completion_tokens"] == 3 and usage["cached_tokens"] == 0
@@ -174,7 +174,7 @@ def test_run_shows_reading_progress_on_a_terminal(tiny_gguf, tmp_path):
     doc.write_text("word " * 600)  # about 3,000 tokens
     master, slave = pty.openpty()
     child = subprocess.Popen([*CLI, "run", str(tiny_gguf("q8_0")), "-f", str(doc), "Count", "--max-tokens", "2",
-                              "--json"], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                              "--json", "--no-think"], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
                              env={**os.environ, "COLUMNS": "200"})
     os.close(slave)
     err = b""

@@ -155,8 +155,9 @@ def test_concurrent_writers_leave_only_whole_files(tmp_path, tiny_gguf, states):
 
 
 def _ask(gguf: Path, doc: Path, question: str, *extra: str) -> dict:
+    # --budget: with thinking on, the thought is closed in time for an answer (a run without one exits 3).
     result = run_cli("run", str(gguf), "-f", str(doc), question, "--json", "--temperature", "0", "--max-tokens",
-                     "12", "--cache-min-tokens", "256", *extra)
+                     "12", "--budget", "4", "--cache-min-tokens", "256", *extra)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -187,7 +188,7 @@ def test_short_prompts_are_not_stored_and_damage_is_one_warning(tiny_gguf, tmp_p
     (stored,) = entries(folder)
     stored.path.write_bytes(stored.path.read_bytes()[:-100])
     result = run_cli("run", str(gguf), "-f", str(doc), "Who?", "--json", "--temperature", "0", "--max-tokens", "4",
-                     "--cache-min-tokens", "256")
+                     "--budget", "2", "--cache-min-tokens", "256")
     assert result.returncode == 0 and json.loads(result.stdout)["usage"]["cached_tokens"] == 0
     assert "warning: removed a damaged prompt state" in result.stderr and "truncated" in result.stderr
     assert [e.n_tokens for e in entries(folder)] == [stored.n_tokens]  # evaluated again, and stored again whole
