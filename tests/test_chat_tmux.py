@@ -119,7 +119,8 @@ def test_chat_in_a_real_terminal(chat_pane, tmp_path):
     answer = turn[:STATS.search(turn).start()]
     assert answer.strip(), screen
 
-    # Completion: /sta + Tab becomes /stats.
+    # Completion: /sta + Tab becomes /stats (typed once the next prompt is up, not into the finishing answer).
+    pane.wait(lambda s: re.search(r"^>>>\s*$", s, re.M), "the next empty prompt")
     pane.type("/sta", enter=False)
     time.sleep(0.3)
     pane.key("Tab")

@@ -100,7 +100,9 @@ def run(
         engine, _ = open_engine(spec, ctx=parse_ctx(ctx), threads=threads, kv_type=kv_type,
                                 placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor),
                                                            (rpc,) if rpc else ()),
-                                prompt_tokens=lambda model: len(oneshot.prompt_tokens(model, job)),
+                                # With tools the prompt grows by each call's output: room to grow, as chat gets.
+                                prompt_tokens=None if tools is not None
+                                else lambda model: len(oneshot.prompt_tokens(model, job)),
                                 max_tokens=max_tokens)
     with engine:  # context, then model, freed here: never left to the order of __del__ at exit
         if tools is not None:

@@ -133,14 +133,18 @@ class Service:
                       request: Request | None = None) -> AsyncIterator[tuple[list[Any], Result | None]]:
         """(outputs, None) as the model writes, then ([], result). The ticket is cancelled if the reader leaves."""
         finished = False
+        asked = time.monotonic()
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except TimeoutError:
-                    # A non-streamed request notices a client that left only by asking.
-                    if request is not None and await request.is_disconnected():
+                # A non-streamed request notices a client that left only by asking: every half second, whether
+                # or not the model is writing (a busy queue must not hide the hang-up).
+                if request is not None and time.monotonic() - asked >= 0.5:
+                    asked = time.monotonic()
+                    if await request.is_disconnected():
                         return
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except TimeoutError:
                     continue
                 if isinstance(item, BaseException):
                     raise ApiError(500, f"generation failed: {item}", kind="server_error")

@@ -82,7 +82,9 @@ def sampling(body: dict[str, Any], thinking: bool, defaults: Callable[[bool], Ma
     given = {"temperature": number_in(body, "temperature", 0, 2), "top_p": number_in(body, "top_p", 1e-9, 1),
              "top_k": number_in(body, "top_k", 0, 1 << 20, integer=True),
              "min_p": number_in(body, "min_p", 0, 0.999999),
-             "seed": number_in(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True)}
+             "seed": number_in(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True),
+             # llama-server's extension: never end the turn before max_tokens (benchmarks, tests)
+             "ignore_eos": get(body, "ignore_eos", bool)}
     try:
         return sampling_for(thinking, defaults=defaults(thinking), **given)
     except UsageError as exc:
