@@ -174,7 +174,8 @@ def test_run_shows_reading_progress_on_a_terminal(tiny_gguf, tmp_path):
     doc.write_text("word " * 600)  # about 3,000 tokens
     master, slave = pty.openpty()
     child = subprocess.Popen([*CLI, "run", str(tiny_gguf("q8_0")), "-f", str(doc), "Count", "--max-tokens", "2",
-                              "--json", "--no-think"], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                              "--json", "--no-think", "--temperature", "0", "--ignore-eos"],
+                             stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
                              env={**os.environ, "COLUMNS": "200"})
     os.close(slave)
     err = b""

@@ -104,7 +104,11 @@ def run_guarded(fn: Callable[[], Any]) -> int:
     try:
         return int(fn() or 0)
     except CascadeError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        try:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:  # Ctrl-C while the error is reported (often its cause, delivered late): still 130
+            _say_interrupted()
+            return 130
         return exc.exit_code
     except KeyboardInterrupt:
         _say_interrupted()
