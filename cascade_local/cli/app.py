@@ -159,10 +159,13 @@ def main() -> None:
         _STARTED_ON_DEVNULL = (first.st_rdev, first.st_ino) == (null.st_rdev, null.st_ino)
     except (OSError, ValueError):
         pass
-    _register()
-    code = run_guarded(_invoke)
     try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _silence_stdout()
+        _register()
+        code = run_guarded(_invoke)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+    except KeyboardInterrupt:  # Ctrl-C outside the command's body (start-up, the last flush): no traceback
+        code = 130
     sys.exit(code)
