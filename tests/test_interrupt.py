@@ -38,7 +38,10 @@ def slow_to_load(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def interrupt_during_load(gguf: Path, delay: float) -> tuple[int, str]:
     """Starts `run`, waits for llama.cpp's first loader line, then `delay` s more, and sends SIGINT."""
     env = {**os.environ, "CASCADE_LOCAL_LLAMA_LOG": "1", "NO_COLOR": "1"}
-    child = subprocess.Popen([*CLI, "run", str(gguf), "Hello", "--max-tokens", "1", "--ctx", "256"],
+    # An answer that never ends by itself: whenever the SIGINT lands (loading, or already answering on a fast
+    # machine), the command is still running and must end with 130.
+    child = subprocess.Popen([*CLI, "run", str(gguf), "Hello", "--max-tokens", "100000", "--ignore-eos", "--no-think",
+                              "--ctx", "1024"],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env)
     assert child.stderr is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -167,5 +168,7 @@ def main() -> None:
         except BrokenPipeError:
             _silence_stdout()
     except KeyboardInterrupt:  # Ctrl-C outside the command's body (start-up, the last flush): no traceback
+        with contextlib.suppress(KeyboardInterrupt):
+            _say_interrupted()
         code = 130
     sys.exit(code)
