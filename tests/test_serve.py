@@ -341,9 +341,11 @@ def test_a_non_streamed_client_that_leaves_is_cancelled_too(tiny_gguf):
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny_gguf):
-    served = start_server(tiny_gguf("q8_0"), "--parallel", "1", "--ctx", "2048", "--queue", "0")
+    served = start_server(tiny_gguf("q8_0"), "--parallel", "1", "--ctx", "32768", "--queue", "0")
     try:
-        body = {**GOOD, "max_tokens": 1500, "stream": True}
+        # ignore_eos and a long answer (seconds, even for the tiny model on an idle machine): the first request
+        # holds the only slot until the second is refused, whatever the model says.
+        body = {**GOOD, "max_tokens": 30000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=30) as reply:
             next(reply.iter_lines())
             busy = httpx.post(f"{served.url}/v1/chat/completions", json=GOOD, timeout=30)
