@@ -216,20 +216,8 @@ class Engine:
     def stream_many(self, requests: Iterable[Request]) -> Iterator[Event]:
         """Runs requests `n_seq_max` at a time, admitting the next as one finishes; events interleave."""
         queue = deque(requests)
-        slots: dict[int, _Slot] = {}
-        try:
-            while queue or slots:
-                for seq in range(self.n_seq_max):
-                    if seq not in slots and queue:
-                        slot = self._admit(seq, queue.popleft())
-                        slots[seq] = slot
-                        yield from self._after_sample(slots, slot, slot.sampler.sample(self.ctx, -1))
-                if slots:
-                    yield from self._step(slots)
-        finally:
-            for slot in slots.values():
-                slot.sampler.close()
-                self._forget(slot.seq)
+        # The live loop with a queue known in advance: no request is ever waited for, none is cancelled.
+        yield from self.stream_live(lambda idle: queue.popleft() if queue else None)
 
     def stream_live(self, take: Callable[[bool], Request | None],
                     cancelled: Callable[[Any], bool] = lambda tag: False) -> Iterator[Event]:
