@@ -24,15 +24,18 @@ DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
 GPU_TYPES = (1, 2)  # the devices llama.cpp offloads layers to
 
 
-@cache
-def _ggml() -> dict[str, Any]:
+def native(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A function of the llama.cpp/ggml libraries llama-cpp-python loaded, with the signature given here."""
     import llama_cpp.llama_cpp as lib
 
-    def fn(name: str, restype: Any, *argtypes: Any) -> Any:
-        f = lib._lib[name]  # a fresh function object: its signature is ours alone
-        f.restype, f.argtypes = restype, list(argtypes)
-        return f
+    f = lib._lib[name]  # a fresh function object: its signature is ours alone
+    f.restype, f.argtypes = restype, list(argtypes)
+    return f
 
+
+@cache
+def _ggml() -> dict[str, Any]:
+    fn = native
     p, size = ctypes.c_void_p, ctypes.c_size_t
     return {
         "dev_count": fn("ggml_backend_dev_count", size),

@@ -46,12 +46,7 @@ def _ggml() -> dict[str, Any]:
     from cascade_local.llama_log import quiet_llama
 
     quiet_llama()
-    import llama_cpp.llama_cpp as lib
-
-    def fn(name: str, restype: Any, *argtypes: Any) -> Any:
-        f = lib._lib[name]  # a fresh function object: its signature is ours alone
-        f.restype, f.argtypes = restype, list(argtypes)
-        return f
+    from cascade_local.devices import native as fn
 
     p, size, i64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
     return {

@@ -75,14 +75,11 @@ def backend_names() -> list[str]:
     from cascade_local.llama_log import quiet_llama
 
     quiet_llama()
-    import llama_cpp.llama_cpp as lib
+    from cascade_local.devices import native
 
-    count = lib._lib["ggml_backend_reg_count"]
-    count.restype, count.argtypes = ctypes.c_size_t, []
-    get = lib._lib["ggml_backend_reg_get"]
-    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    name = lib._lib["ggml_backend_reg_name"]
-    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    count = native("ggml_backend_reg_count", ctypes.c_size_t)
+    get = native("ggml_backend_reg_get", ctypes.c_void_p, ctypes.c_size_t)
+    name = native("ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p)
     return [(name(get(i)) or b"?").decode() for i in range(count())]
 
 

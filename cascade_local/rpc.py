@@ -138,12 +138,7 @@ def _rpc() -> dict[str, Any] | None:
     from cascade_local.llama_log import quiet_llama
 
     quiet_llama()
-    import llama_cpp.llama_cpp as lib
-
-    def fn(name: str, restype: Any, *argtypes: Any) -> Any:
-        f = lib._lib[name]  # a fresh function object: its signature is ours alone
-        f.restype, f.argtypes = restype, list(argtypes)
-        return f
+    from cascade_local.devices import native as fn
 
     p, size = ctypes.c_void_p, ctypes.c_size_t
     try:
@@ -189,7 +184,7 @@ def exit_cleanly_on_ggml_abort() -> None:
     global _abort_hook
     if _abort_hook is not None:
         return
-    import llama_cpp.llama_cpp as lib
+    from cascade_local.devices import native
 
     hook_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 
@@ -204,9 +199,7 @@ def exit_cleanly_on_ggml_abort() -> None:
             os._exit(ABORT_EXIT_CODE)
 
     _abort_hook = hook_type(on_abort)
-    setter = lib._lib["ggml_set_abort_callback"]
-    setter.restype, setter.argtypes = ctypes.c_void_p, [hook_type]
-    setter(_abort_hook)
+    native("ggml_set_abort_callback", ctypes.c_void_p, hook_type)(_abort_hook)
 
 
 @dataclass(frozen=True)
