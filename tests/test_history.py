@@ -201,6 +201,9 @@ def test_a_chat_with_a_read_only_database_warns_once_and_goes_on(tiny_gguf):
             os.chown(home, 65534, 65534)
         before = (home / "history.db").read_bytes()
         drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_root else []
+        if drop and subprocess.run([*drop, *CLI, "--version"], capture_output=True, cwd=base).returncode != 0:
+            # A checkout in a folder only root may enter (mktemp -d makes 0700 ones): nobody cannot run it.
+            pytest.skip("user nobody cannot read this checkout, so the chat cannot run as nobody")
         result = subprocess.run([*drop, *CLI, "chat", str(model), "--max-tokens", "3"], input="Hello\nAgain\n",
                                 capture_output=True, text=True, timeout=120, cwd=base,
                                 env={**os.environ, "CASCADE_LOCAL_HOME": str(home), "HOME": str(home)})

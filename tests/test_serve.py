@@ -348,6 +348,10 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_gguf):
         body = {**GOOD, "max_tokens": 30000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=30) as reply:
             next(reply.iter_lines())
+            deadline = time.monotonic() + 20
+            while not served.metric("active_sequences") and time.monotonic() < deadline:
+                time.sleep(0.05)  # the first request holds the slot, not only a place in the queue
+            assert served.metric("active_sequences") == 1
             busy = httpx.post(f"{served.url}/v1/chat/completions", json=GOOD, timeout=30)
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
         assert "busy" in busy.json()["error"]["message"]
