@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 
@@ -54,16 +55,22 @@ def rpc_server(
         except BaseException as exc:  # handed to the main thread, which reports it
             failed.append(exc)
 
-    # ggml's server loop never returns; in a daemon thread it leaves the main thread free to take Ctrl-C.
-    server = threading.Thread(target=run, name="rpc-server", daemon=True)
-    server.start()
-    server.join(0.5)
-    if not failed:
-        err_console.print(f"rpc-server: serving on {host}:{port}; Ctrl-C stops it", highlight=False)
+    # Ctrl-C may come at any moment from here on, even while the server thread starts: a handler that only sets
+    # an event means it is never raised as a KeyboardInterrupt somewhere between two statements.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
-        while server.is_alive():
-            server.join(0.2)
-    except KeyboardInterrupt:
+        # ggml's server loop never returns; in a daemon thread it leaves the main thread free to take Ctrl-C.
+        server = threading.Thread(target=run, name="rpc-server", daemon=True)
+        server.start()
+        server.join(0.5)
+        if not failed and not stop.is_set():
+            err_console.print(f"rpc-server: serving on {host}:{port}; Ctrl-C stops it", highlight=False)
+        while server.is_alive() and not stop.wait(0.2):
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
         err_console.print("rpc-server: stopped", highlight=False)
         return
     raise failed[0] if failed else RpcError("the RPC server stopped")
