@@ -123,6 +123,9 @@ class Scheduler:
             if not self._queue:
                 return None
             ticket = self._queue.popleft()
+            # Counted as running in the same critical section that takes it off the queue: otherwise a submit
+            # in between sees neither and admits a request beyond the free sequences.
+            self._running[ticket.id] = ticket
         # The prefix store is only touched here and in _dispatch, both on this thread.
         tokens = ticket.request.prompt_tokens
         if self.prefixes.budget_bytes > 0:  # with no budget, skip the snapshot copies too
@@ -134,7 +137,6 @@ class Scheduler:
                 ticket.cache = PromptCache(*hit)
             ticket.cache = ticket.cache or PromptCache()
             self._from_disk[ticket.id] = max(known, len(hit[0]) if hit else 0)
-        self._running[ticket.id] = ticket
         return Request(ticket.request.prompt_tokens, ticket.request.sampling, ticket.request.max_tokens,
                        ticket.request.in_reasoning, ticket.request.thinking_budget, tag=ticket.id,
                        cache=ticket.cache, cache_prefix=ticket.request.cache_prefix)
@@ -148,7 +150,8 @@ class Scheduler:
         if ticket is None:
             return
         if event.kind == "done":
-            del self._running[event.tag]
+            with self._cv:
+                del self._running[event.tag]
             result = event.result
             assert result is not None
             m = self.metrics
@@ -179,6 +182,8 @@ class Scheduler:
                 return  # stopping, and nothing left
             except Exception as exc:  # a failed decode ends every running request, not the server
                 self.metrics.errors += 1
-                for ticket in list(self._running.values()):
+                with self._cv:
+                    failed = list(self._running.values())
+                    self._running.clear()
+                for ticket in failed:
                     ticket.deliver(exc)
-                self._running.clear()
