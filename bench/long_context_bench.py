@@ -2,7 +2,8 @@
 
 * **pp512 at depth** (as llama-bench's `-d`): 512 prompt tokens evaluated after DEPTH tokens already in the
   sequence, by cascade-local's engine and by a minimal raw loop on llama-cpp-python's low-level API (same file,
-  context, batch and threads); the median of --repeats runs each, and their ratio.
+  context, batch and threads), and their ratio. Each reads one sequence up to the deepest depth once, timing the
+  --repeats chunks of 512 that follow each depth (their median).
 * **read once, ask many**: a document of --doc-tokens tokens, then --questions questions, each a fresh
   `cascade-local run -f doc.txt QUESTION` process sharing one prompt-state folder. Time to first token is the
   run's own prompt_seconds (`--json`); the first question evaluates the document, the others restore it. The
@@ -23,6 +24,7 @@ length 4096). For the real-width slice, pass e.g. `--depths 0,8192,32768,131072 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -43,47 +45,74 @@ def ids(n: int) -> list[int]:
     return [20 + (i * 7) % 700 for i in range(n)]  # ids every vocabulary here has
 
 
-def pp_engine(gguf: Path, depth: int, threads: int) -> float:
-    """Seconds for 512 prompt tokens after `depth` tokens, with cascade-local's engine."""
+CHUNK = 512
+
+
+def sweep_tokens(depths: list[int], repeats: int) -> tuple[list[int], int]:
+    """The prompt of one sweep and the context it needs: each depth is followed by `repeats` timed chunks."""
+    end = max(depths) + repeats * CHUNK
+    return ids(end), end + 256
+
+
+def pp_engine(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[float]:
+    """Median seconds for 512 prompt tokens at each depth, with cascade-local's engine, in one pass.
+
+    The sequence is read once up to the deepest depth; at each depth the next `repeats` chunks are timed. (A
+    fresh context per depth would read 128k tokens again for every sample: hours on a desktop CPU.)
+    """
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
 
-    tokens = ids(depth + 512)
-    with Engine(LoadedModel(gguf), n_ctx=depth + 768, threads=threads, owns_model=True) as engine:
-        engine._evaluate(0, tokens, 0, depth, logits_at_end=False)
-        started = time.perf_counter()
-        engine._evaluate(0, tokens, depth, depth + 512, logits_at_end=True)
-        return time.perf_counter() - started
+    tokens, n_ctx = sweep_tokens(depths, repeats)
+    medians, done = [], 0
+    with Engine(LoadedModel(gguf), n_ctx=n_ctx, threads=threads, owns_model=True) as engine:
+        for depth in depths:
+            engine._evaluate(0, tokens, done, depth, logits_at_end=False)
+            times = []
+            for start in range(depth, depth + repeats * CHUNK, CHUNK):
+                started = time.perf_counter()
+                engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True)
+                times.append(time.perf_counter() - started)
+            medians.append(statistics.median(times))
+            done = depth + repeats * CHUNK
+    return medians
 
 
-def pp_raw(gguf: Path, depth: int, threads: int) -> float:
+def pp_raw(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[float]:
     """The same with a minimal loop on llama-cpp-python's low-level API."""
     import llama_cpp
 
     from cascade_local.llama_model import LoadedModel
 
+    tokens, n_ctx = sweep_tokens(depths, repeats)
     model = LoadedModel(gguf)
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = depth + 768, 512, 512
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, CHUNK, CHUNK
     params.n_threads = params.n_threads_batch = threads
     params.no_perf = True
     ctx = llama_cpp.llama_init_from_model(model.model, params)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
-    tokens = ids(depth + 512)
+    batch = llama_cpp.llama_batch_init(CHUNK, 0, 1)
     try:
         def decode(first: int, end: int) -> None:
-            for start in range(first, end, 512):
-                chunk = tokens[start : min(end, start + 512)]
+            for start in range(first, end, CHUNK):
+                chunk = tokens[start : min(end, start + CHUNK)]
                 for i, t in enumerate(chunk):
                     batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, start + i, 1
                     batch.seq_id[i][0], batch.logits[i] = 0, start + i == end - 1
                 batch.n_tokens = len(chunk)
                 assert llama_cpp.llama_decode(ctx, batch) == 0
 
-        decode(0, depth)
-        started = time.perf_counter()
-        decode(depth, depth + 512)
-        return time.perf_counter() - started
+        medians, done = [], 0
+        for depth in depths:
+            decode(done, depth)
+            times = []
+            for start in range(depth, depth + repeats * CHUNK, CHUNK):
+                started = time.perf_counter()
+                decode(start, start + CHUNK)
+                times.append(time.perf_counter() - started)
+            medians.append(statistics.median(times))
+            done = depth + repeats * CHUNK
+        return medians
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
@@ -91,14 +120,14 @@ def pp_raw(gguf: Path, depth: int, threads: int) -> float:
 
 
 def depth_rows(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[str]:
+    if any(b - a < repeats * CHUNK for a, b in itertools.pairwise(depths)) or depths != sorted(depths):
+        raise SystemExit(f"--depths must rise by at least {repeats * CHUNK} (--repeats x 512)")
+    pp_engine(gguf, [0], threads, 1), pp_raw(gguf, [0], threads, 1)  # warm-up: page cache, first-call costs
+    engine = pp_engine(gguf, depths, threads, repeats)
+    raw = pp_raw(gguf, depths, threads, repeats)
     rows = ["| depth | engine pp512 tok/s | raw loop pp512 tok/s | ratio |", "|---:|---:|---:|---:|"]
-    for depth in depths:
-        engine, raw = [], []
-        pp_engine(gguf, depth, threads), pp_raw(gguf, depth, threads)  # warm-up: page cache, first-call costs
-        for _ in range(repeats):  # alternate, so that drift in the machine's speed hits both alike
-            engine.append(pp_engine(gguf, depth, threads))
-            raw.append(pp_raw(gguf, depth, threads))
-        e, r = 512 / statistics.median(engine), 512 / statistics.median(raw)
+    for depth, e_s, r_s in zip(depths, engine, raw, strict=True):
+        e, r = CHUNK / e_s, CHUNK / r_s
         rows.append(f"| {depth} | {e:.1f} | {r:.1f} | {e / r:.3f} |")
     return rows
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from cascade_local.chat_template import Message
 from cascade_local.engine import Engine, Event, PromptCache, Request, Result
+from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore
 from cascade_local.sampling import SamplingParams
 
 
@@ -26,6 +27,17 @@ class History:
         self.system = system
         self.messages: list[Message] = []
         self.last: Result | None = None
+        self.attached: list[str] = []  # documents for the next message (/read)
+
+    def attach(self, text: str) -> None:
+        """Puts a document before the next message, joined as `run -f FILE "question"` joins them."""
+        self.attached.append(text.rstrip())
+
+    def _ask(self, user_text: str) -> bool:
+        """Appends the user's message, attached documents first; True when there were any."""
+        documents, self.attached = self.attached, []
+        self.messages.append({"role": "user", "content": "\n\n".join([*documents, user_text.rstrip()])})
+        return bool(documents)
 
     def _history(self) -> list[Message]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -63,16 +75,24 @@ class History:
 
     def clear(self) -> None:
         self.messages.clear()
+        self.attached = []
 
 
 class Conversation(History):
-    """Renders the history with the model's template and streams each reply through the engine."""
+    """Renders the history with the model's template and streams each reply through the engine.
 
-    def __init__(self, engine: Engine, system: str | None = None):
+    With a `disk` store, the turn that carries an attached document leaves the state of everything before the
+    question on disk, and a later chat or run that starts the same way restores it instead of reading the
+    document again.
+    """
+
+    def __init__(self, engine: Engine, system: str | None = None, *, disk: PromptStore | None = None,
+                 disk_min_tokens: int = DEFAULT_MIN_TOKENS):
         super().__init__(system)
         self.engine = engine
         self.model = engine.model
         self._cache = PromptCache()
+        self.disk, self.disk_min_tokens = disk, disk_min_tokens
 
     def render(self, thinking: bool) -> str:
         return self.model.template.render(self._history(), add_generation_prompt=True, enable_thinking=thinking)
@@ -82,13 +102,51 @@ class Conversation(History):
 
     def reply(self, user_text: str, settings: TurnSettings) -> Iterator[Event]:
         """Streams reasoning and answer; the reply joins the history once complete (or interrupted)."""
-        self.messages.append({"role": "user", "content": user_text})
+        has_document = self._ask(user_text)
         tokens = self.model.encode_prompt(self.render(settings.thinking))
         # The history without the generation prompt is what the next turn's prompt will start with.
         stable = len(self.model.encode_prompt(self.render_history()))
         request = Request(tokens, settings.sampling, settings.max_tokens, in_reasoning=settings.thinking,
                           thinking_budget=settings.thinking_budget, cache=self._cache, cache_prefix=stable)
+        if self.disk is not None:
+            request = self._with_disk(request, settings.thinking, user_text.rstrip() if has_document else None)
         yield from self._recorded(self.engine.stream(request))
+
+    def _with_disk(self, request: Request, thinking: bool, question: str | None) -> Request:
+        """A longer prefix from disk than the turn's own cache holds; a document's turn saves its prefix."""
+        assert self.disk is not None
+        tokens = request.prompt_tokens
+        own = len(self._cache.tokens) if tokens[: len(self._cache.tokens)] == self._cache.tokens else 0
+        hit = self.disk.lookup(tokens)
+        if hit is not None and len(hit[0]) > own:
+            self._cache = PromptCache(*hit)
+            request = dataclasses.replace(request, cache=self._cache)
+        if question is None or len(tokens) < self.disk_min_tokens:
+            return request
+        restored = len(hit[0]) if hit else 0
+        disk = self.disk
+
+        def save(prefix: list[int], state: bytes) -> None:
+            if len(prefix) > restored:
+                disk.save(prefix, state)
+
+        # The snapshot is taken before the question: the state any other question about the document starts from.
+        # The next turn restores it and reads this question and answer again: a few hundred tokens, not the document.
+        return dataclasses.replace(request, cache_prefix=self._before_question(tokens, thinking, question),
+                                   on_snapshot=save)
+
+    def _before_question(self, tokens: list[int], thinking: bool, question: str) -> int:
+        """Tokens shared with the same prompt asking something else (a token the question merges into is left out)."""
+        last = self.messages[-1]
+        if not question:
+            return len(tokens) - 1
+        other = [*self.messages[:-1], {"role": "user", "content": last["content"][: -len(question)] + "?"}]
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        alt = self.model.encode_prompt(self.model.template.render(system + other, add_generation_prompt=True,
+                                                                  enable_thinking=thinking))
+        shared = next((i for i, (a, b) in enumerate(zip(tokens, alt, strict=False)) if a != b),
+                      min(len(tokens), len(alt)))
+        return min(shared, len(tokens) - 1)
 
     def clear(self) -> None:
         super().clear()

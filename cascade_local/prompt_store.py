@@ -223,3 +223,8 @@ def clear(folder: Path) -> tuple[int, int]:
             e.path.unlink()
             count, size = count + 1, size + e.nbytes
     return count, size
+
+
+def open_store(model: Path, kv_type: str, budget: int) -> PromptStore | None:
+    """The disk cache of prompt states for this model file and KV type, or None when the budget is 0 (off)."""
+    return PromptStore(default_folder(), model_identity(model, kv_type), budget=budget) if budget else None

@@ -34,6 +34,6 @@ class RemoteConversation(History):
     def reply(self, user_text: str, settings: TurnSettings) -> Iterator[Event]:
         if settings.thinking_budget is not None:
             raise UsageError("a thinking budget needs the local engine (/budget off to continue)")
-        self.messages.append({"role": "user", "content": user_text})
+        self._ask(user_text)
         request = ChatRequest(self._history(), settings.thinking, settings.sampling, settings.max_tokens)
         yield from self._recorded(self.engine.stream(request))

@@ -270,3 +270,55 @@ def test_a_restarted_server_restores_a_long_prompt_from_disk(tiny_gguf, tmp_path
     cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (first, again, fresh)]
     assert cached[0] == 0 and cached[1] > 0.9 * again["usage"]["prompt_tokens"] and cached[2] == 0
     assert again["choices"][0]["message"] == fresh["choices"][0]["message"]
+
+
+# -- chat /read: the same states as run -f ----------------------------------------------------------------------------
+
+
+def _chat_turns(engine: Engine, disk: PromptStore | None, doc: str, questions: list[str]) -> list:
+    from cascade_local.conversation import Conversation, TurnSettings
+
+    chat = Conversation(engine, disk=disk, disk_min_tokens=256)
+    chat.attach(doc)
+    settings = TurnSettings(thinking=False, max_tokens=8, sampling=GREEDY)
+    results = []
+    for question in questions:
+        results.extend(e.result for e in chat.reply(question, settings) if e.kind == "done")
+    return results
+
+
+def test_a_chat_reads_an_attached_document_once(tmp_path, tiny_gguf):
+    doc = "The ledger lists forty barrels of oil and nine of wine. " * 40
+    disk = store(tmp_path, tiny_gguf)
+    with Engine(LoadedModel(tiny_gguf("q8_0")), n_ctx=2048, owns_model=True) as engine:
+        first = _chat_turns(engine, disk, doc, ["How many barrels of oil?", "And of salt?"])
+        (saved,) = entries(tmp_path / "prompts")  # the document's turn left everything before its question
+        again = _chat_turns(engine, disk, doc, ["How many of wine?", "And of salt?"])
+        fresh = _chat_turns(engine, None, doc, ["How many of wine?", "And of salt?"])
+    assert first[0].cached_tokens == 0 and first[1].cached_tokens >= saved.n_tokens  # turn 2: kept in memory
+    assert again[0].cached_tokens == saved.n_tokens > 0.9 * again[0].prompt_tokens  # a new chat: from disk
+    assert fresh[0].cached_tokens == 0
+    assert [(r.content, r.reasoning) for r in again] == [(r.content, r.reasoning) for r in fresh]
+    assert len(entries(tmp_path / "prompts")) == 1  # nothing new to save: the state came from there
+
+
+def test_chat_read_and_run_file_share_the_document_state(tiny_gguf, tmp_path):
+    gguf, doc = tiny_gguf("q8_0"), tmp_path / "doc.txt"
+    doc.write_text("The ledger lists forty barrels of oil and nine of wine. " * 40)
+    chat = run_cli("chat", str(gguf), "--no-think", "--temperature", "0", "--max-tokens", "8", "--no-log",
+                   "--cache-min-tokens", "256", input=f"/read {doc}\nHow many barrels of oil?\n")
+    assert chat.returncode == 0, chat.stderr
+    assert f"read {doc}" in chat.stderr and "Traceback" not in chat.stderr
+    asked = _ask(gguf, doc, "How many of wine?", "--no-think")
+    fresh = _ask(gguf, doc, "How many of wine?", "--no-think", "--cache-size", "0")
+    assert asked["usage"]["cached_tokens"] > 0.9 * asked["usage"]["prompt_tokens"]
+    assert (asked["content"], asked["reasoning"]) == (fresh["content"], fresh["reasoning"])
+
+
+def test_chat_read_errors_are_one_line_and_the_chat_goes_on(tiny_gguf, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    chat = run_cli("chat", str(tiny_gguf("q8_0")), "--no-think", "--max-tokens", "2", "--no-log",
+                   input=f"/read {tmp_path / 'missing.txt'}\n/read {empty}\n/read\n/settings\n")
+    assert "missing.txt" in chat.stderr and "is empty" in chat.stderr and "usage: /read FILE" in chat.stderr
+    assert "Traceback" not in chat.stderr and "thinking" in chat.stderr  # /settings still ran

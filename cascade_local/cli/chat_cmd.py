@@ -22,6 +22,8 @@ def chat(
     show_thinking: bool | None = options.SHOW_THINKING,
     ctx: str = options.CTX,
     kv_type: str = options.KV_TYPE,
+    cache_size: str = options.CACHE_SIZE,
+    cache_min_tokens: int = options.CACHE_MIN_TOKENS,
     temperature: float | None = options.TEMPERATURE,
     top_p: float | None = options.TOP_P,
     top_k: int | None = options.TOP_K,
@@ -55,7 +57,7 @@ def chat(
     ("thought for 412 tokens, 9.1 s") when the answer starts.
 
     Slash commands (/help lists them, Tab completes them): /think on|off,
-    /thinking show|hide, /budget N|off, /tools on|off, /system TEXT, /clear, /retry,
+    /thinking show|hide, /budget N|off, /tools on|off, /system TEXT, /read FILE, /clear, /retry,
     /save FILE [--force], /load FILE|ID, /stats, /model, /exit.
 
     Multi-line: a line starting with \"\"\" opens a block; a line ending with
@@ -75,6 +77,10 @@ def chat(
     --no-log. --continue goes on with the last chat, --resume ID with any
     logged one (/load ID too).
 
+    /read FILE puts a text file before the next message, as run -f does. A
+    long one leaves its state on disk (--cache-size), so asking about it again,
+    in a later chat or with run -f, does not read it again.
+
     Not on a terminal, the answer is written as plain text (stdout) and lines
     are read from stdin as they come, so the chat can be scripted.
 
@@ -87,6 +93,8 @@ def chat(
     from cascade_local.conversation import Conversation, TurnSettings
     from cascade_local.oneshot import sampling_for
     from cascade_local.paths import home
+    from cascade_local.placement import parse_size
+    from cascade_local.prompt_store import open_store
     from cascade_local.registry import load_registry
     from cascade_local.remote_conversation import RemoteConversation
     from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
@@ -94,6 +102,7 @@ def chat(
 
     plan = None
     remote = None
+    cache_budget = parse_size(cache_size)  # a bad size is refused before the model loads
     conversation: Conversation | RemoteConversation
     if (continue_ or resume is not None) and no_log:
         from cascade_local.errors import UsageError
@@ -122,7 +131,8 @@ def chat(
                 engine, plan = open_engine(model, ctx=parse_ctx(ctx), threads=threads, placement=placement,
                                            kv_type=kv_type)
             owned.enter_context(engine)  # context, then model: never left to the order of __del__ at exit
-            conversation = Conversation(engine, system)
+            conversation = Conversation(engine, system, disk=open_store(engine.model.path, kv_type, cache_budget),
+                                        disk_min_tokens=cache_min_tokens)
         entry = load_registry().get(None)  # the recommended sampling of the model family
 
         def sampling(thinking: bool) -> SamplingParams:

@@ -16,6 +16,11 @@ RPC = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT]", help="Pool ot
 CTX = typer.Option("auto", "--ctx", metavar="auto|N", help="Context length per sequence in tokens; auto: sized to "
                    "the prompt and --max-tokens (chat, batch, serve: room to grow), within what fits in memory and "
                    "the model's trained length.")
+# The disk cache of prompt states (issue 12), shared by run and chat.
+CACHE_SIZE = typer.Option("4GiB", "--cache-size", help="Disk for prompt states (read a long document once, ask "
+                          "many): least recently used removed first; 0: off.")
+CACHE_MIN_TOKENS = typer.Option(2048, "--cache-min-tokens", min=1, help="Keep the state of prompts of at least N "
+                                "tokens (everything before the question).")
 KV_TYPE = typer.Option("f16", "--kv-type", metavar="f16|q8_0|q4_0", help="KV cache type: q8_0 halves it, q4_0 "
                        "quarters it (both turn on flash attention).")
 

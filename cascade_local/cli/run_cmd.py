@@ -17,7 +17,6 @@ from cascade_local.cli.console import err_console
 if TYPE_CHECKING:
     from cascade_local.engine import Engine, Event, Result
     from cascade_local.oneshot import OneShot
-    from cascade_local.prompt_store import PromptStore
 
 
 def run(
@@ -61,10 +60,8 @@ def run(
     tools: str | None = typer.Option(None, "--tools", metavar="NAME", help="Let the model call tools while it "
                                      "reasons: python (runs its code in a local Jupyter kernel; needs --yes)."),
     yes: bool = typer.Option(False, "--yes", help="Run every tool call without asking (run cannot ask)."),
-    cache_size: str = typer.Option("4GiB", "--cache-size", help="Disk for prompt states (read a long document "
-                                   "once, ask many): least recently used removed first; 0: off."),
-    cache_min_tokens: int = typer.Option(2048, "--cache-min-tokens", min=1, help="Keep the state of prompts of at "
-                                         "least N tokens (everything before the question)."),
+    cache_size: str = options.CACHE_SIZE,
+    cache_min_tokens: int = options.CACHE_MIN_TOKENS,
     log: bool = typer.Option(False, "--log", help="Keep this exchange in the chat history (cascade-local logs); "
                              "run is not logged otherwise."),
 ) -> None:
@@ -77,6 +74,7 @@ def run(
     """
     from cascade_local import oneshot
     from cascade_local.placement import parse_size
+    from cascade_local.prompt_store import open_store
     from cascade_local.runtime import PlacementOptions, open_engine, parse_ctx
 
     if endpoint:
@@ -108,7 +106,7 @@ def run(
         if tools is not None:
             _run_tools(engine, job, tools, json_out, show_thinking, log)
             return
-        disk = _prompt_store(engine.model.path, kv_type, cache_budget)
+        disk = open_store(engine.model.path, kv_type, cache_budget)
         result = _show(oneshot.stream(engine, job, disk=disk, question=instruction, min_tokens=cache_min_tokens,
                                       progress=_reading_progress()), json_out, show_thinking)
         for why in disk.removed if disk is not None else ():
@@ -149,13 +147,6 @@ def _reading_progress() -> Callable[[int, int], None] | None:
         sys.stderr.flush()
 
     return show
-
-
-def _prompt_store(model: Path, kv_type: str, budget: int) -> PromptStore | None:
-    """The disk cache of prompt states for this model file and KV type, or None when --cache-size is 0."""
-    from cascade_local.prompt_store import PromptStore, default_folder, model_identity
-
-    return PromptStore(default_folder(), model_identity(model, kv_type), budget=budget) if budget else None
 
 
 def _run_remote(endpoint: str, served: str | None, job: OneShot, json_out: bool, show_thinking: bool,

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/tools": ("[on|off]", "let the model run Python while it reasons (asks before each call unless --yes)"),
     "/system": ("[TEXT|off]", "set the system prompt, or remove it (no text: show it)"),
     "/settings": ("", "show the settings of the next turn: thinking, budget, tokens, sampling, system prompt"),
+    "/read": ("FILE", "put a text file before your next message (a long one is read once: its state is kept on "
+              "disk, so asking about it again, here or with run -f, starts at once)"),
     "/clear": ("", "forget the conversation (the system prompt stays)"),
     "/retry": ("", "ask the last question again"),
     "/save": ("FILE [--force]", "save the conversation as JSON (--force overwrites)"),
@@ -108,6 +110,14 @@ def parse_slash(line: str) -> Command:
             hint = " (quote a name that has spaces)" if len(paths) > 1 else ""
             raise SlashError(f"{_usage(name)}{hint}")
         return Command(name, Path(paths[0]).expanduser(), force=force, with_settings=with_settings)
+    if name == "/read":
+        try:
+            words = shlex.split(arg)
+        except ValueError as exc:
+            raise SlashError(f"{name}: {exc}") from None
+        if len(words) != 1:
+            raise SlashError(f"{_usage(name)}{' (quote a name that has spaces)' if len(words) > 1 else ''}")
+        return Command(name, Path(words[0]).expanduser())
     if arg:
         raise SlashError(f"{name} takes no argument")
     return Command(name)
@@ -126,7 +136,7 @@ def help_text(columns: int = 100) -> str:
 
 
 def slash_completer() -> Any:
-    """Completes slash commands and their fixed arguments at the start of the line, and file names for /save, /load."""
+    """Completes slash commands and their fixed arguments at the start of the line, and file names after them."""
     from prompt_toolkit.completion import Completer, PathCompleter, WordCompleter
 
     phrases = [*COMMANDS, "/budget off", *(f"{n} {a}" for n, words in TOGGLES.items() for a in words)]
@@ -139,7 +149,7 @@ def slash_completer() -> Any:
             from prompt_toolkit.document import Document as Doc
 
             text = document.text_before_cursor
-            for name in ("/save ", "/load "):
+            for name in ("/save ", "/load ", "/read "):
                 if text.startswith(name):
                     yield from paths.get_completions(Doc(text[len(name):].lstrip()), complete_event)
                     return

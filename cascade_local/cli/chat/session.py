@@ -128,6 +128,16 @@ class ChatSession:
                 return Outcome(f"system prompt: {chat.system}" if chat.system else "no system prompt")
             chat.system = value or None
             return Outcome("system prompt set" if value else "system prompt removed")
+        if name == "/read":
+            from cascade_local.oneshot import read_prompt_file
+
+            text = read_prompt_file(value)
+            if not text.strip():
+                raise SlashError(f"{value} is empty")
+            chat.attach(text)
+            waiting = len(chat.attached)
+            what = f"{waiting} files" if waiting > 1 else "it"
+            return Outcome(f"read {value} ({len(text):,} characters); {what} will come before your next message")
         if name == "/clear":
             chat.clear()
             if self.recorder is not None:
