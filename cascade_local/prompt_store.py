@@ -99,10 +99,13 @@ class PromptStore:
     def _name(self, tokens: Sequence[int]) -> str:
         return f"{self.identity[:16]}-{len(tokens)}-{_key(self.identity, tokens)}{SUFFIX}"
 
-    def lookup(self, tokens: Sequence[int]) -> tuple[list[int], bytes] | None:
-        """The longest stored prefix that `tokens` strictly extends, verified, as (prefix tokens, state)."""
+    def lookup(self, tokens: Sequence[int], longer_than: int = 0) -> tuple[list[int], bytes] | None:
+        """The longest stored prefix that `tokens` strictly extends, verified, as (prefix tokens, state).
+
+        Files of `longer_than` tokens or fewer are not read: the caller already holds as much in memory.
+        """
         lengths = sorted({n for e in entries(self.folder) if e.model == self.identity[:16]
-                          and 0 < (n := e.n_tokens) < len(tokens)}, reverse=True)
+                          and max(0, longer_than) < (n := e.n_tokens) < len(tokens)}, reverse=True)
         for n in lengths:
             path = self.folder / self._name(tokens[:n])
             if not path.exists():

@@ -49,6 +49,19 @@ def test_hit_returns_the_longest_stored_prefix(tmp_path, tiny_gguf, states):
     assert s.lookup(tokens[:200]) == (tokens[:100], by_n[100][1])  # a prefix must leave something to evaluate
 
 
+def test_lookup_skips_prefixes_the_caller_already_holds(tmp_path, tiny_gguf, states):
+    tokens, by_n = states
+    s = store(tmp_path, tiny_gguf)
+    s.save(*by_n[100])
+    held = s.save(*by_n[200])
+    assert held is not None
+    held.write_bytes(held.read_bytes()[:-10])  # damaged: reading it would remove it
+    assert s.lookup(tokens[:250], longer_than=200) is None
+    assert held.exists() and not s.removed  # never opened
+    assert s.lookup(tokens[:250], longer_than=99) == (tokens[:100], by_n[100][1])
+    assert not held.exists()  # this time read: found damaged, removed
+
+
 def test_miss_for_other_tokens_and_other_model_files(tmp_path, tiny_gguf, states):
     tokens, by_n = states
     s = store(tmp_path, tiny_gguf)

@@ -9,10 +9,12 @@ matched) frees its sequence at the next step.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -73,6 +75,9 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="cascade-scheduler", daemon=True)
+        # Writing a long prompt's state (hundreds of MB for a long document) must not stall the sequences being
+        # decoded: one writer thread takes the saves, in order; `stop` waits for them.
+        self._writer: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "cascade-state-writer") if disk else None
 
     # -- called from any thread ---------------------------------------------------------------------
 
@@ -113,6 +118,8 @@ class Scheduler:
             self._cv.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
 
     # -- the scheduler thread -----------------------------------------------------------------------
 
@@ -132,7 +139,7 @@ class Scheduler:
             ticket.cache = self.prefixes.lookup(tokens)
         if self.disk is not None and len(tokens) >= self.disk_min_tokens:
             known = len(ticket.cache.tokens) if ticket.cache is not None else 0
-            hit = self.disk.lookup(tokens)
+            hit = self.disk.lookup(tokens, longer_than=known)  # a state memory holds is not read from disk
             if hit is not None and len(hit[0]) > known:
                 ticket.cache = PromptCache(*hit)
             ticket.cache = ticket.cache or PromptCache()
@@ -170,9 +177,17 @@ class Scheduler:
             if ticket.cache is not None:
                 if self.prefixes.budget_bytes > 0:
                     self.prefixes.put(ticket.cache)
-                if restored is not None and self.disk is not None and len(ticket.cache.tokens) > restored:
-                    self.disk.save(ticket.cache.tokens, ticket.cache.state)
+                if restored is not None and self._writer is not None and len(ticket.cache.tokens) > restored:
+                    self._writer.submit(self._save, ticket.cache.tokens, ticket.cache.state)
         ticket.deliver(event)
+
+    def _save(self, tokens: list[int], state: bytes) -> None:
+        """On the writer thread. A full disk or unwritable folder costs only the file, never the server."""
+        assert self.disk is not None
+        try:
+            self.disk.save(tokens, state)
+        except OSError as exc:
+            print(f"cascade-local serve: cannot keep a prompt state on disk: {exc.strerror or exc}", file=sys.stderr)
 
     def _run(self) -> None:
         while True:
