@@ -18,14 +18,21 @@ llama-cpp-python 0.3.36, read from its source and checked against its own log li
   allocator has two peaks: inside a layer, while the attention mask is alive, and at the logits, after it:
       mask   = n_ctx_seq * n_ubatch * 2 B                       (f16 KQ mask, only with attention layers)
       layers = n_ubatch * 4 B * max(MoE, Mamba, attention widths per token, see `ModelShape.act_floats`)
+      mamba  = n_ubatch * 4 B * ((xbc + d_inner + n_head) + xbc + 2 * d_inner + 16 * n_head + 4 * n_embd)
+               + min(n_seq_max, n_ubatch) * 4 B * (d_state * d_inner + 2 * conv state)
+      (ssm_scan returns the state of every sequence in the micro-batch; the per-token part is fitted on two
+      models with the real Mamba widths, n_embd 64 and 2688, at n_ubatch 512 and 1024, to within 4%)
       logits = n_outputs * n_vocab * 4 B + n_ubatch * 20 * n_embd B
-      compute = max(mask + layers, logits)
+      compute = max(mask + max(layers, mamba), logits)
   `n_outputs` is llama.cpp's worst case, `min(n_ubatch, n_outputs_max)`, and `n_outputs_max` defaults to n_batch:
   with the 131,072-token vocabulary the reserved logits alone are 256 MiB at n_ubatch 512. Measured on the slice,
   n_ubatch 512 unless said: ctx 4096 281.0 MiB (formula 282.3), 32768 271.8 (282.3), 131072 271.8 (282.3),
   229376 301.0 (309.5), 262144 333.0 (341.5); n_ubatch 128 69.9 (72.6), 2048 1119.1 (1129.0). One outlier:
   ctx 65536 320.5 (282.3), where the allocator's placement leaves a hole; the headroom covers it. On the tiny
-  model the formula is within 1 MiB of the log.
+  model the formula is within 1 MiB of the log. The `mamba` term matters when many sequences share a context
+  (serve --parallel) and the logits are reserved for one row per sequence: on the slice, n_ubatch 512, 8 / 16 /
+  32 / 64 sequences took 87.0 / 104.1 / 138.4 / 206.9 MiB (formula 90.2 / 107.3 / 141.6 / 210.1; without the
+  term it said 87.5 for all four), and at n_ubatch 1024, 64 sequences 276.8 (283.2).
   Plus the output buffer, `n_seq_max * n_vocab * 4 B`, in host memory.
 - GPU offload (llama-model.cpp, llama-model-loader.cpp): `token_embd` is the input layer, which llama.cpp always
   keeps in host memory. With every layer offloaded (`n_gpu_layers` = all), KV cache, Mamba state and the compute
@@ -235,6 +242,24 @@ class ModelShape:
         return (conv + ssm) * 4 * len(self.recurrent_layers)
 
     @property
+    def scan_bytes_per_seq(self) -> int:
+        """What one sequence adds to a Mamba layer's peak: its ssm state (ssm_scan returns every sequence's) and
+        its conv state twice (read and written), f32."""
+        if not self.ssm_d_inner:
+            return 0
+        conv = max(self.ssm_d_conv - 1, 0) * (self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state)
+        return (self.ssm_d_state * self.ssm_d_inner + 2 * conv) * 4
+
+    @property
+    def mamba_act_floats(self) -> int:
+        """Per-token values alive in a Mamba layer beside the states (fitted: see the module doc)."""
+        if not self.ssm_d_inner:
+            return 0
+        xbc = self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state
+        return (xbc + self.ssm_d_inner + self.ssm_n_head) + xbc + 2 * self.ssm_d_inner + 16 * self.ssm_n_head \
+            + 4 * self.n_embd
+
+    @property
     def act_floats(self) -> int:
         """The widest per-token activations any one layer keeps alive at once (f32 values); see the module doc."""
         xbc = self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state
@@ -270,10 +295,11 @@ class ContextMemory:
     logits_peak: int
     output: int  # the logits output buffer, in host memory
     kv_type: str = DEFAULT_KV_TYPE
+    mamba_peak: int = 0  # a Mamba layer's activations plus the states of every sequence in the micro-batch
 
     @property
     def compute(self) -> int:
-        return max(self.mask + self.layer_peak, self.logits_peak)
+        return max(self.mask + max(self.layer_peak, self.mamba_peak), self.logits_peak)
 
     def small_batch_compute(self, shape: ModelShape) -> int:
         """The CPU's share when the layers run on the GPU: token embeddings, and experts for batches under 32."""
@@ -297,6 +323,7 @@ def context_memory(shape: ModelShape, ctx: int, parallel: int, *, n_ubatch: int 
         layer_peak=ubatch * shape.act_floats * 4,
         logits_peak=n_outputs * shape.n_vocab * 4 + ubatch * 20 * shape.n_embd,
         output=parallel * shape.n_vocab * 4, kv_type=kv_type,
+        mamba_peak=ubatch * shape.mamba_act_floats * 4 + min(parallel, ubatch) * shape.scan_bytes_per_seq,
     )
 
 

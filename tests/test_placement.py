@@ -592,3 +592,13 @@ def test_estimate_against_rss_on_the_slice():
 
 def test_plan_errors_are_cascade_errors():
     assert issubclass(PlanError, CascadeError) and PlanError.exit_code == 2
+
+
+@pytest.mark.parametrize(("parallel", "n_ubatch"), [(1, 512), (16, 512), (64, 512), (64, 1024)])
+def test_compute_counts_the_mamba_states_of_many_sequences(heads_gguf, parallel, n_ubatch):
+    # serve --parallel N reserves logits for N rows only, and then a Mamba layer's scan, which returns the state of
+    # every sequence in the micro-batch (2 MiB each at the real widths), is the compute buffer's peak.
+    shape = ModelShape.from_gguf(read_gguf(heads_gguf))
+    m = context_memory(shape, 2048, parallel, n_outputs_max=parallel, n_ubatch=n_ubatch)
+    log = _llama_context_log(heads_gguf, m.n_ctx, parallel, n_outputs_max=parallel, n_ubatch=n_ubatch)
+    assert m.compute / MiB == pytest.approx(log["compute"], rel=0.05)
