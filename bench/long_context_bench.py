@@ -182,7 +182,8 @@ def kv_logits(gguf: Path, kv_type: str, n: int, window: int, threads: int):
     from cascade_local.llama_model import LoadedModel
 
     tokens, rows = ids(n), []
-    with Engine(LoadedModel(gguf), n_ctx=n + 256, threads=threads, kv_type=kv_type, owns_model=True) as engine:
+    with Engine(LoadedModel(gguf), n_ctx=n + 256, threads=threads, kv_type=kv_type, owns_model=True,
+                n_outputs_max=512) as engine:  # logits of every position of a batch
         vocab = engine.model.n_vocab
         for first in range(0, n, engine.n_batch):
             chunk = tokens[first : first + engine.n_batch]
@@ -235,7 +236,7 @@ def memory_rows(gguf: Path, contexts: list[int], threads: int) -> list[str]:
             "|---:|---:|---:|---:|"]
     gguf_file = read_gguf(gguf)
     for ctx in contexts:
-        m = plan_placement(gguf_file, ctx=ctx, gpu_bytes=0, gpu_available=False, n_batch=512).memory
+        m = plan_placement(gguf_file, ctx=ctx, gpu_bytes=0, gpu_available=False, n_batch=512, n_outputs_max=1).memory
         planned = m.kv + m.state + m.compute + m.output
         done = subprocess.run([sys.executable, __file__, "--memory-child", str(ctx), "--gguf", str(gguf),
                                "--threads", str(threads)], capture_output=True, text=True, timeout=3600)

@@ -153,7 +153,8 @@ class Engine:
 
     def __init__(self, model: LoadedModel, *, n_ctx: int = 8192, n_seq_max: int = 1, n_batch: int = 512,
                  threads: int | None = None, sampler_factory: Callable[[SamplingParams], Sampler] | None = None,
-                 expert_stats: ExpertStats | None = None, owns_model: bool = False, kv_type: str = "f16"):
+                 expert_stats: ExpertStats | None = None, owns_model: bool = False, kv_type: str = "f16",
+                 n_outputs_max: int | None = None):
         import llama_cpp
 
         from cascade_local.placement import check_kv_type
@@ -176,6 +177,12 @@ class Engine:
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = n_seq_max
+        # The engine asks for one row of logits per sequence in a batch (the last prompt token, or the token being
+        # decoded), so that is all llama.cpp reserves: by default it reserves a whole batch's, 512 rows of the
+        # 131,072-token vocabulary, 256 MiB of compute buffer never used. llama.cpp aborts the process on a batch
+        # that asks for more, so `_fill` refuses one first.
+        self.n_outputs_max = n_outputs_max or n_seq_max
+        params.n_outputs_max = self.n_outputs_max
         params.kv_unified = False  # each sequence its own n_ctx / n_seq_max cells, as the planner counts them
         # llama.cpp's own default is 4 threads whatever the machine: use the CPUs we may run on unless told.
         params.n_threads = params.n_threads_batch = threads or default_threads()
@@ -376,6 +383,9 @@ class Engine:
         """Batch rows of (sequence, token, position, wants logits)."""
         if len(entries) > self.n_batch:  # past the end of llama_batch's arrays is someone else's memory
             raise ValueError(f"{len(entries)} rows do not fit a batch of {self.n_batch}")
+        if sum(e[3] for e in entries) > self.n_outputs_max:
+            raise ValueError(f"a batch asks for {sum(e[3] for e in entries)} rows of logits; the context reserved "
+                             f"{self.n_outputs_max}")
         self._open()  # the batch is freed with the context
         b = self._batch
         for i, (seq, token, pos, logits) in enumerate(entries):

@@ -602,3 +602,24 @@ def test_compute_counts_the_mamba_states_of_many_sequences(heads_gguf, parallel,
     m = context_memory(shape, 2048, parallel, n_outputs_max=parallel, n_ubatch=n_ubatch)
     log = _llama_context_log(heads_gguf, m.n_ctx, parallel, n_outputs_max=parallel, n_ubatch=n_ubatch)
     assert m.compute / MiB == pytest.approx(log["compute"], rel=0.05)
+
+
+def test_the_engine_reserves_one_row_of_logits_per_sequence(heads_gguf):
+    from cascade_local.engine import Engine
+    from cascade_local.llama_log import RECENT, quiet_llama
+    from cascade_local.llama_model import LoadedModel
+
+    quiet_llama()
+    RECENT.clear()
+    shape = ModelShape.from_gguf(read_gguf(heads_gguf))
+    planned = context_memory(shape, 1024, 4, n_outputs_max=4)
+    with Engine(LoadedModel(heads_gguf), n_ctx=planned.n_ctx, n_seq_max=4, owns_model=True) as engine:
+        lines = list(RECENT)
+        # Not the default whole batch: 512 rows of this vocabulary would be 256 MiB more.
+        rows = [int(m.group(1)) for line in lines if (m := re.search(r"graph_reserve: .*n_outputs = +(\d+)", line))]
+        assert max(rows) == 4
+        compute = [float(m.group(1)) for line in lines if (m := re.search(r"CPU compute buffer size = +([\d.]+)",
+                                                                           line))]
+        assert planned.compute / MiB == pytest.approx(compute[-1], rel=0.05)
+        with pytest.raises(ValueError, match="5 rows of logits"):  # refused, where llama.cpp would abort
+            engine._fill([(0, 20 + i, i, True) for i in range(5)])
