@@ -513,9 +513,9 @@ def plan_placement(gguf: GGUFFile, *, gpu_bytes: int, ctx: int, parallel: int = 
     tensors of whole layers, in layer order, while they fit in `gpu_bytes` minus headroom. `overrides` (regex,
     'CPU'/'GPU') win over everything, then `cpu_moe` / `n_cpu_moe` (llama.cpp's meanings). `ram_bytes` is the RAM
     available (None: unknown, not checked). With no GPU (`gpu_available` false) or `gpu_bytes` 0, everything is on
-    the CPU. `n_ubatch`, `n_batch` and `n_outputs_max` are the llama_context_params the engine will use; leaving
-    `n_outputs_max` at llama.cpp's default (n_batch) reserves logits for a whole micro-batch (256 MiB at n_ubatch
-    512 on this vocabulary), while a generation loop that asks one row per sequence can pass `parallel`.
+    the CPU. `n_ubatch`, `n_batch` and `n_outputs_max` are the llama_context_params the engine will use;
+    `n_outputs_max` None is the engine's choice, one row of logits per sequence (`parallel`). llama.cpp's own
+    default (n_batch) would reserve logits for a whole micro-batch (256 MiB at n_ubatch 512 on this vocabulary).
     Raises UsageError for impossible arguments and PlanError when it does not fit, saying what would.
     """
     _check_args(ctx, parallel, n_cpu_moe, gpu_bytes, n_ubatch, n_batch, n_outputs_max)
@@ -666,8 +666,8 @@ def _plan(gguf: GGUFFile, shape: ModelShape, *, ctx: int, gpu_bytes: int, parall
           n_cpu_moe: int | None, overrides: tuple[tuple[str, str], ...], ram_bytes: int | None,
           gpu_available: bool, gpu_name: str | None, n_ubatch: int, n_batch: int,
           n_outputs_max: int | None, kv_type: str = DEFAULT_KV_TYPE) -> tuple[Plan, _Shortfall | None]:
-    mem = context_memory(shape, ctx, parallel, n_ubatch=n_ubatch, n_batch=n_batch, n_outputs_max=n_outputs_max,
-                         kv_type=kv_type)
+    mem = context_memory(shape, ctx, parallel, n_ubatch=n_ubatch, n_batch=n_batch,
+                         n_outputs_max=n_outputs_max or parallel, kv_type=kv_type)
     notes: list[str] = []
     why_cpu = None if gpu_available else "CPU-only build"
     if why_cpu is None and gpu_bytes == 0:

@@ -72,8 +72,7 @@ def plan_for(spec: str | None, *, ctx: int | None, parallel: int, placement: Pla
     check_architecture(gguf.metadata, path)
     args: dict[str, Any] = dict(gpu_bytes=budget.nbytes, parallel=parallel, cpu_moe=placement.cpu_moe,
                                 n_cpu_moe=placement.n_cpu_moe, overrides=overrides, ram_bytes=system_memory()[1],
-                                gpu_available=budget.available, gpu_name=budget.name, kv_type=kv_type,
-                                n_outputs_max=parallel)  # as the engine sets it: one row of logits per sequence
+                                gpu_available=budget.available, gpu_name=budget.name, kv_type=kv_type)
     if ctx is not None:
         return plan_placement(gguf, ctx=ctx, **args)
     return plan_auto(gguf, need=need or CTX_PAD, room=need is None, **args)

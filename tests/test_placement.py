@@ -289,7 +289,7 @@ def test_huge_budget_puts_everything_but_the_input_layer_on_the_gpu():
 
 
 def test_in_between_fills_whole_expert_layers_in_order():
-    m = context_memory(SHAPE, 32768, 4)
+    m = context_memory(SHAPE, 32768, 4, n_outputs_max=4)  # one row of logits per sequence, as planned
     base = dense_gpu_bytes() + m.kv + m.state + m.compute + EXPERT_TENSOR_BYTES  # + one expert copy (op_offload)
     budget = smallest_budget(base + 5 * EXPERT_LAYER_BYTES)
     plan = gpu_plan(budget)
@@ -303,17 +303,18 @@ def test_in_between_fills_whole_expert_layers_in_order():
     assert "experts of 5 of 23 MoE layers on the GPU (1, 3, 6, 8, 10)" in plan.verdict
 
 
-def test_an_8gib_gpu_holds_the_dense_part_and_two_expert_layers():
-    # Q8_0 at 4 × 32768 tokens: dense 1.86 GiB + KV 768 MiB + state 190 MiB + compute 282 MiB + one expert copy
-    # 647 MiB = 3.70 GiB; 8 GiB less 666 MiB headroom leaves 3.65 GiB: two expert layers of 1.26 GiB.
+def test_an_8gib_gpu_holds_the_dense_part_and_three_expert_layers():
+    # Q8_0 at 4 × 32768 tokens: dense 1.86 GiB + KV 768 MiB + state 190 MiB + compute 118 MiB (logits reserved for
+    # one row per sequence, not 512: 256 MiB less) + one expert copy 647 MiB = 3.54 GiB; 8 GiB less 666 MiB
+    # headroom leaves 3.81 GiB: three expert layers of 1.26 GiB (two with llama.cpp's default n_outputs_max).
     plan = gpu_plan(8 * GiB)
-    assert plan.expert_layers(GPU) == [1, 3]
+    assert plan.expert_layers(GPU) == [1, 3, 6]
     assert plan.need(GPU) + plan.headroom_gpu <= 8 * GiB < plan.need(GPU) + plan.headroom_gpu + EXPERT_LAYER_BYTES
 
 
 def test_kv_cache_and_state_take_room_from_experts():
     layers = [len(gpu_plan(12 * GiB, ctx=ctx, parallel=p).expert_layers(GPU)) for ctx, p in
-              [(4096, 1), (32768, 4), (262144, 4)]]
+              [(4096, 1), (65536, 4), (262144, 4)]]
     assert layers[0] > layers[1] > layers[2]
 
 
@@ -346,7 +347,7 @@ def test_raw_overrides_win():
 
 
 def test_budget_too_small_for_the_dense_part_says_how_much_is_needed():
-    m = context_memory(SHAPE, 256, 1)
+    m = context_memory(SHAPE, 256, 1, n_outputs_max=1)
     need = dense_gpu_bytes() + m.kv + m.state + m.compute + EXPERT_TENSOR_BYTES
     with pytest.raises(PlanError, match="too small for the dense part") as err:
         gpu_plan(1 * GiB, ctx=256, parallel=1)
@@ -368,7 +369,7 @@ def test_budget_too_small_with_no_expert_left_to_place(model):
         gguf, args = FULL, {"overrides": parse_override("exps=CUDA0")}
     with pytest.raises(PlanError, match="too small for the dense part") as err:
         plan_placement(gguf, gpu_bytes=1 * MiB, ctx=256, gpu_available=True, **args)
-    m = context_memory(ModelShape.from_gguf(gguf), 256, 1)
+    m = context_memory(ModelShape.from_gguf(gguf), 256, 1, n_outputs_max=1)
     pinned = sum(t.nbytes for t in gguf.tensors if re.search(EXPERT_REGEX, t.name))
     need = dense_gpu_bytes(gguf) + pinned + m.kv + m.state + m.compute
     needed, unit = re.search(r"needs a budget of at least ([\d.]+) (GiB|MiB)", str(err.value)).groups()
@@ -550,6 +551,7 @@ mp.use_extra_bufts = process_verdict().mode == "all"
 model = lib.llama_model_load_from_file(path.encode(), mp)
 cp = lib.llama_context_default_params()
 cp.n_ctx, cp.n_seq_max, cp.n_ubatch = n_ctx, n_seq, n_ubatch
+cp.n_outputs_max = n_seq  # as the engine (and so the plan) has it: one row of logits per sequence
 cp.n_threads = cp.n_threads_batch = 2
 ctx = lib.llama_init_from_model(model, cp)
 n = lib.llama_n_ubatch(ctx)
