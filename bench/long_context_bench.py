@@ -133,8 +133,9 @@ def depth_rows(gguf: Path, depths: list[int], threads: int, repeats: int) -> lis
 
 
 def ask(gguf: Path, doc: Path, question: str, threads: int, env: dict, *extra: str) -> dict:
-    args = [*CLI, "run", str(gguf), "-f", str(doc), question, "--json", "--temperature", "0", "--max-tokens", "16",
-            "--threads", str(threads), "--cache-min-tokens", "256", *extra]
+    # Thinking off: a fixed-length answer whatever the model thinks (a run cut off while reasoning exits 3).
+    args = [*CLI, "run", str(gguf), "-f", str(doc), question, "--json", "--no-think", "--temperature", "0",
+            "--max-tokens", "16", "--threads", str(threads), "--cache-min-tokens", "256", *extra]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode != 0:
         raise SystemExit(f"run failed: {done.stderr.strip()}")
