@@ -1,14 +1,19 @@
 """Serve benchmark: `cascade-local serve` against llama-cpp-python's own server on the same GGUF.
 
-Both servers run on loopback, greedy, with the same threads. Two measurements, each a ratio taken in one run:
+Both servers run on loopback, greedy (or seeded sampling), with the same threads, all at once: each measurement
+alternates between them, so a shared machine's changing load hits both alike. Two measurements, each a ratio:
 
 - Aggregate generation tokens/s at 1, 4 and 8 concurrent streaming clients (cascade-local with --parallel 8;
   the anchor decodes one request at a time).
 - An agent-like session: 8 turns, each resending the whole conversation, behind a long system prompt. The time
   to the first streamed token of turns 2-8 shows prefix reuse. cascade-local's answers with the prefix cache
-  are checked against its answers with `--cache-mem 0` (identical greedy output).
+  are checked against its answers with `--cache-mem 0 --cache-size 0` (identical output). Each cascade-local
+  server gets an empty prompt-state folder, so nothing from an earlier run is restored.
 
-    .venv/bin/python bench/serve_bench.py [--gguf FILE] [--threads N] [--max-tokens 32]
+A model with random weights (the slice) writes tokens whose text is empty when greedy; pass --temperature 1 (and
+the default --seed) there, so answers have text to compare and to resend.
+
+    .venv/bin/python bench/serve_bench.py [--gguf FILE] [--threads N] [--max-tokens 32] [--temperature T]
 
 Without --gguf the tiny test checkpoint is converted (q8_0): its numbers measure the servers' own overhead,
 not the model. Prints a markdown table and writes it to bench/out/serve_bench.md.
@@ -23,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,10 +45,10 @@ SYSTEM_WORDS = ("You are a careful assistant for a team of engineers. Answer bri
 
 
 class Server:
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
         self._log = log.open("wb")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "NO_COLOR": "1"})
+                                     env={**os.environ, "NO_COLOR": "1", **(env or {})})
 
     def wait(self, url: str) -> None:
         deadline = time.monotonic() + 300
@@ -78,10 +84,13 @@ def free_port() -> int:
 PROMPT_TOKENS: list[int] = []  # prompt sizes as servers that send usage counted them
 
 
+SAMPLING: dict = {"temperature": 0}
+
+
 def stream(url: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int, str]:
     """(seconds to the first token, total seconds, completion tokens, reasoning + answer) of one request."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"messages": messages, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, **SAMPLING}
     started = time.perf_counter()
     first, tokens, pieces, text = None, 0, 0, []
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as reply:
@@ -96,7 +105,11 @@ def stream(url: str, messages: list[dict], max_tokens: int) -> tuple[float, floa
             for choice in chunk.get("choices", []):
                 delta = choice.get("delta", {})
                 piece = (delta.get("reasoning_content") or "") + (delta.get("content") or "")
-                if piece:
+                # llama-cpp-python sends one chunk per token, with "content": "" for a token whose text is empty
+                # (a model with random weights writes many): such a chunk is a token too. Its first chunk, the
+                # role's, has no content key. cascade-local sends only text, after a role chunk with "".
+                token_chunk = piece or ("content" in delta and "role" not in delta)
+                if token_chunk:
                     first = first or time.perf_counter()
                     pieces += 1
                     text.append(piece)
@@ -140,9 +153,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--system-tokens", type=int, default=1000)
     parser.add_argument("--ctx", type=int, default=4096, help="context per request")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (with --seed: "
+                        "repeatable; a model with random weights writes only empty tokens when greedy)")
+    parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept "
                         "(a shared machine's load only ever slows a run down)")
     args = parser.parse_args()
+    SAMPLING.update(temperature=args.temperature, seed=args.seed)
     OUT.mkdir(parents=True, exist_ok=True)
     gguf = args.gguf
     if gguf is None:
@@ -153,11 +170,15 @@ def main() -> None:
             convert(ROOT / "tests" / "fixtures" / "tiny", gguf, uniform_recipe("q8_0"))
     parallel = max(args.clients)
 
+    states = Path(tempfile.mkdtemp(prefix="serve-bench-states-"))  # no state from an earlier run is found
+
     def ours(cache: str) -> tuple[Server, str]:
         port = free_port()
+        disk = ["--cache-size", "0"] if cache == "0" else []  # no prefix cache: neither in memory nor on disk
         server = Server([sys.executable, "-m", "cascade_local", "serve", str(gguf), "--port", str(port),
                          "--parallel", str(parallel), "--ctx", str(args.ctx), "--threads", str(args.threads),
-                         "--cache-mem", cache], OUT / f"serve_bench-ours-{cache}.log")
+                         "--cache-mem", cache, *disk], OUT / f"serve_bench-ours-{cache}.log",
+                        env={"CASCADE_LOCAL_PROMPT_CACHE": str(states / cache)})
         return server, f"http://127.0.0.1:{port}"
 
     def anchor() -> tuple[Server, str]:
@@ -170,29 +191,40 @@ def main() -> None:
                         OUT / "serve_bench-anchor.log")
         return server, f"http://127.0.0.1:{port}"
 
-    results: dict[str, dict] = {}
-    for label, start in (("cascade-local", lambda: ours("2GiB")), ("llama-cpp-python", anchor),
-                         ("cascade-local, no prefix cache", lambda: ours("0"))):
-        server, url = start()
-        try:
+    # All three servers run at once and every measurement alternates between them, so that a change in the
+    # machine's load (it is shared) hits each alike. An idle server uses no CPU.
+    starts = {"cascade-local": lambda: ours("2GiB"), "llama-cpp-python": anchor,
+              "cascade-local, no prefix cache": lambda: ours("0")}
+    servers: dict[str, tuple[Server, str]] = {}
+    results: dict[str, dict] = {label: {"tps": {}, "runs": []} for label in starts}
+    try:
+        for label, start in starts.items():
+            servers[label] = start()
+        for server, url in servers.values():
             server.wait(url)
             stream(url, [{"role": "user", "content": "warm up"}], 4)
-            row: dict = {}
-            if label != "cascade-local, no prefix cache":
-                row["tps"] = {n: max(throughput(url, n, args.max_tokens) for _ in range(args.repeat))
-                              for n in args.clients}
-            runs = [session(url, args.turns, args.system_tokens, args.max_tokens, r) for r in range(args.repeat)]
-            row["ttft"] = [min(run[0][t] for run in runs) for t in range(args.turns)]
-            row["answers"] = [run[1] for run in runs]
-            row["last_prompt"] = PROMPT_TOKENS[-1] if PROMPT_TOKENS else None
-            results[label] = row
-        finally:
+        for n in args.clients:
+            for _ in range(args.repeat):
+                for label in ("cascade-local", "llama-cpp-python"):
+                    got = throughput(servers[label][1], n, args.max_tokens)
+                    results[label]["tps"][n] = max(results[label]["tps"].get(n, 0.0), got)
+        for r in range(args.repeat):
+            for label, (_, url) in servers.items():
+                results[label]["runs"].append(session(url, args.turns, args.system_tokens, args.max_tokens, r))
+                results[label]["last_prompt"] = PROMPT_TOKENS[-1] if PROMPT_TOKENS else None
+    finally:
+        for server, _ in servers.values():
             server.stop()
+    for row in results.values():
+        row["ttft"] = [min(run[0][t] for run in row["runs"]) for t in range(args.turns)]
+        row["answers"] = [run[1] for run in row["runs"]]
 
     ours_row, anchor_row = results["cascade-local"], results["llama-cpp-python"]
     nocache = results["cascade-local, no prefix cache"]
     lines = [f"Serve benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs ({cpu_model()}); "
-             f"model {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB); greedy, --max-tokens {args.max_tokens}, "
+             f"model {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB); "
+             f"{'greedy' if not args.temperature else f'temperature {args.temperature}, seed {args.seed}'}, "
+             f"--max-tokens {args.max_tokens}, "
              f"--threads {args.threads}; cascade-local --parallel {parallel}; best of {args.repeat} runs", "",
              "| concurrent clients | cascade-local tok/s | llama-cpp-python tok/s | ratio |", "|--:|--:|--:|--:|"]
     for n in args.clients:
