@@ -1,9 +1,9 @@
 """Long-context benchmark (issue 12): prompt speed at depth, read once / ask many, memory against the planner.
 
 * **pp512 at depth** (as llama-bench's `-d`): 512 prompt tokens evaluated after DEPTH tokens already in the
-  sequence, by cascade-local's engine and by a minimal raw loop on llama-cpp-python's low-level API (same file,
-  context, batch and threads), and their ratio. Each reads one sequence up to the deepest depth once, timing the
-  --repeats chunks of 512 that follow each depth (their median).
+  sequence, by cascade-local's engine and by a minimal raw loop on llama-cpp-python's low-level API (same model,
+  context size, batch and threads), and their ratio. Both read one sequence up to the deepest depth once, timing
+  the --repeats chunks of 512 that follow each depth (their median), alternating between the two.
 * **read once, ask many**: a document of --doc-tokens tokens, then --questions questions, each a fresh
   `cascade-local run -f doc.txt QUESTION` process sharing one prompt-state folder. Time to first token is the
   run's own prompt_seconds (`--json`); the first question evaluates the document, the others restore it. The
@@ -48,85 +48,77 @@ def ids(n: int) -> list[int]:
 CHUNK = 512
 
 
-def sweep_tokens(depths: list[int], repeats: int) -> tuple[list[int], int]:
-    """The prompt of one sweep and the context it needs: each depth is followed by `repeats` timed chunks."""
-    end = max(depths) + repeats * CHUNK
-    return ids(end), end + 256
+class RawLoop:
+    """A minimal prompt loop on llama-cpp-python's low-level API: what the engine is measured against."""
+
+    def __init__(self, model, n_ctx: int, threads: int):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, CHUNK, CHUNK
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(model.model, params)
+        self.batch = llama_cpp.llama_batch_init(CHUNK, 0, 1)
+
+    def evaluate(self, tokens: list[int], first: int, end: int) -> None:
+        b = self.batch
+        for start in range(first, end, CHUNK):
+            chunk = tokens[start : min(end, start + CHUNK)]
+            for i, t in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i] = t, start + i, 1
+                b.seq_id[i][0], b.logits[i] = 0, start + i == end - 1
+            b.n_tokens = len(chunk)
+            assert self._lib.llama_decode(self.ctx, b) == 0
+
+    def close(self) -> None:
+        self._lib.llama_batch_free(self.batch)
+        self._lib.llama_free(self.ctx)
 
 
-def pp_engine(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[float]:
-    """Median seconds for 512 prompt tokens at each depth, with cascade-local's engine, in one pass.
+def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[tuple[float, float]]:
+    """(engine, raw loop) median seconds for 512 prompt tokens at each depth, both in one pass.
 
-    The sequence is read once up to the deepest depth; at each depth the next `repeats` chunks are timed. (A
-    fresh context per depth would read 128k tokens again for every sample: hours on a desktop CPU.)
+    Each reads one sequence up to the deepest depth once (a fresh context per depth would read 128k tokens again
+    for every sample: hours on a desktop CPU); at each depth the next `repeats` chunks are timed, alternating
+    between the two, so that a change in the machine's load hits both alike.
     """
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
 
-    tokens, n_ctx = sweep_tokens(depths, repeats)
-    medians, done = [], 0
-    with Engine(LoadedModel(gguf), n_ctx=n_ctx, threads=threads, owns_model=True) as engine:
-        for depth in depths:
-            engine._evaluate(0, tokens, done, depth, logits_at_end=False)
-            times = []
-            for start in range(depth, depth + repeats * CHUNK, CHUNK):
-                started = time.perf_counter()
-                engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True)
-                times.append(time.perf_counter() - started)
-            medians.append(statistics.median(times))
-            done = depth + repeats * CHUNK
-    return medians
-
-
-def pp_raw(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[float]:
-    """The same with a minimal loop on llama-cpp-python's low-level API."""
-    import llama_cpp
-
-    from cascade_local.llama_model import LoadedModel
-
-    tokens, n_ctx = sweep_tokens(depths, repeats)
+    end = max(depths) + repeats * CHUNK
+    tokens, n_ctx = ids(end), end + 256
     model = LoadedModel(gguf)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, CHUNK, CHUNK
-    params.n_threads = params.n_threads_batch = threads
-    params.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(model.model, params)
-    batch = llama_cpp.llama_batch_init(CHUNK, 0, 1)
+    raw = RawLoop(model, n_ctx, threads)
+    out, done = [], 0
     try:
-        def decode(first: int, end: int) -> None:
-            for start in range(first, end, CHUNK):
-                chunk = tokens[start : min(end, start + CHUNK)]
-                for i, t in enumerate(chunk):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, start + i, 1
-                    batch.seq_id[i][0], batch.logits[i] = 0, start + i == end - 1
-                batch.n_tokens = len(chunk)
-                assert llama_cpp.llama_decode(ctx, batch) == 0
-
-        medians, done = [], 0
-        for depth in depths:
-            decode(done, depth)
-            times = []
-            for start in range(depth, depth + repeats * CHUNK, CHUNK):
-                started = time.perf_counter()
-                decode(start, start + CHUNK)
-                times.append(time.perf_counter() - started)
-            medians.append(statistics.median(times))
-            done = depth + repeats * CHUNK
-        return medians
+        with Engine(model, n_ctx=n_ctx, threads=threads) as engine:
+            for depth in depths:
+                engine._evaluate(0, tokens, done, depth, logits_at_end=False)
+                raw.evaluate(tokens, done, depth)
+                times: tuple[list[float], list[float]] = ([], [])
+                for start in range(depth, depth + repeats * CHUNK, CHUNK):
+                    started = time.perf_counter()
+                    engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True)
+                    times[0].append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    raw.evaluate(tokens, start, start + CHUNK)
+                    times[1].append(time.perf_counter() - started)
+                out.append((statistics.median(times[0]), statistics.median(times[1])))
+                done = depth + repeats * CHUNK
     finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
+        raw.close()
         model.close()
+    return out
 
 
 def depth_rows(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[str]:
     if any(b - a < repeats * CHUNK for a, b in itertools.pairwise(depths)) or depths != sorted(depths):
         raise SystemExit(f"--depths must rise by at least {repeats * CHUNK} (--repeats x 512)")
-    pp_engine(gguf, [0], threads, 1), pp_raw(gguf, [0], threads, 1)  # warm-up: page cache, first-call costs
-    engine = pp_engine(gguf, depths, threads, repeats)
-    raw = pp_raw(gguf, depths, threads, repeats)
+    pp_at_depths(gguf, [0], threads, 1)  # warm-up: page cache, first-call costs
     rows = ["| depth | engine pp512 tok/s | raw loop pp512 tok/s | ratio |", "|---:|---:|---:|---:|"]
-    for depth, e_s, r_s in zip(depths, engine, raw, strict=True):
+    for depth, (e_s, r_s) in zip(depths, pp_at_depths(gguf, depths, threads, repeats), strict=True):
         e, r = CHUNK / e_s, CHUNK / r_s
         rows.append(f"| {depth} | {e:.1f} | {r:.1f} | {e / r:.3f} |")
     return rows
