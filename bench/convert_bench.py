@@ -5,25 +5,36 @@ from `os.wait4`'s `ru_maxrss`, so a step's RSS is its own and nothing else's):
 
 * raw read: sequential read of the slice's shard files in 16 MB chunks into one reused buffer, the
   ceiling any converter that reads the checkpoint once can reach on this disk;
-* one conversion per `--types` entry, through the installed CLI, into a GGUF that is deleted after
-  its size is recorded;
+* raw write: as many bytes as the slice's tensors, in 16 MB chunks from one reused buffer, to a file in
+  the output folder, then fsync (a BF16 conversion writes that much: its floor on this disk);
+* quantize-only, for each quantized `--types` and `--recipes` entry: the converter's encoder on every
+  block of the slice, each block copied into memory first, so no I/O is timed (bench/convert_profile.py
+  --quantize-only); the wall time of the child's encoding alone;
+* one conversion per `--types` and `--recipes` entry, through the installed CLI, into a GGUF that is
+  deleted after its size is recorded;
+* with `--compare-src DIR` (a `convert/` folder of another version, e.g. from `git archive`), the same
+  conversions through that converter, for a before/after ratio measured in one run;
 * llama.cpp's `convert_hf_to_gguf.py --outtype bf16` on the same slice, only when LLAMA_CPP_CONVERT
   (the script) and LLAMA_CPP_PYTHON (a Python with torch) are set.
 
 Machines differ and are noisy, so the table reports ratios to baselines measured in this run:
-converter read MB/s over raw read MB/s, and peak RSS over the BF16 size of one MoE layer's routed
-experts (the converter streams 32 MB blocks, so it should stay far below one layer). Before every
-step the shard files are fsync'd and dropped from the page cache with posix_fadvise(DONTNEED).
+converter read MB/s over raw read MB/s, wall time over the larger of the raw read and the same
+recipe's quantize-only (the bound a converter whose stages overlap approaches), and peak RSS over
+the BF16 size of one MoE layer's routed experts (the converter streams 32 MB blocks, so it should stay
+far below one layer). Before every step the shard files are fsync'd and dropped from the page cache
+with posix_fadvise(DONTNEED).
 
 The slice (`MEM*E`: 3.4 B parameters, 6.8 GB) is generated on first use, which takes a few minutes,
 and cached under bench/out/. The table is printed to stdout and written to bench/out/convert_bench.md.
 
-    .venv/bin/python bench/convert_bench.py [--types bf16 q8_0] [--pattern MEM*E] [--slice-dir DIR]
+    .venv/bin/python bench/convert_bench.py [--types bf16 q8_0] [--recipes q4-moe] [--pattern MEM*E]
+        [--slice-dir DIR] [--compare-src DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -57,6 +68,22 @@ for path in sys.argv[1:]:
 print(total)
 """
 
+# Run as `python -c RAW_WRITE_CHILD FILE N`: N bytes in 16 MB chunks, fsync'd, the file removed afterwards.
+RAW_WRITE_CHILD = """
+import os, sys
+path, n = sys.argv[1], int(sys.argv[2])
+view = memoryview(bytearray(os.urandom(1 << 20)) * 16)
+total = 0
+try:
+    with open(path, "wb", buffering=0) as fh:
+        while total < n:
+            total += fh.write(view[: min(len(view), n - total)])
+        os.fsync(fh.fileno())
+finally:
+    os.unlink(path)
+print(total)
+"""
+
 
 @dataclass(frozen=True)
 class SliceInfo:
@@ -76,6 +103,7 @@ class Row:
     peak_rss_bytes: int
     read_bytes: int
     written_bytes: int | None
+    bound_s: float | None = None  # max(raw read, quantize-only) for this row's types, when measured
 
 
 # --- the slice ---------------------------------------------------------------------------------------
@@ -201,6 +229,15 @@ def measure_raw_read(info: SliceInfo, out_dir: Path) -> Row:
     return Row("raw read (16 MB chunks)", wall, rss, info.file_bytes, None)
 
 
+def measure_raw_write(info: SliceInfo, out_dir: Path) -> Row:
+    cmd = [sys.executable, "-c", RAW_WRITE_CHILD, str(out_dir / "raw_write.tmp"), str(info.tensor_bytes)]
+    log("timing the raw write baseline")
+    wall, rss, code, output = run_child(cmd, out_dir / "raw_write.log")
+    if code != 0 or output.split()[-1:] != [str(info.tensor_bytes)]:
+        raise StepFailed("raw write", code, output)
+    return Row("raw write (16 MB chunks, fsync)", wall, rss, 0, info.tensor_bytes)
+
+
 def measure_conversion(step: str, cmd: Sequence[str], gguf: Path, info: SliceInfo, out_dir: Path) -> Row:
     """Run one converter from a dropped page cache, record the output's size, then delete the output."""
     gguf.unlink(missing_ok=True)
@@ -217,12 +254,58 @@ def measure_conversion(step: str, cmd: Sequence[str], gguf: Path, info: SliceInf
     return Row(step, wall, rss, info.tensor_bytes, written)
 
 
-def converter_command(info: SliceInfo, qtype: str, gguf: Path) -> list[str]:
+# Run as `python -c OTHER_CONVERTER_CHILD DIR ARGS...`: the CLI, with cascade_local.convert loaded from DIR.
+OTHER_CONVERTER_CHILD = """
+import importlib.util, sys
+folder = sys.argv.pop(1)
+spec = importlib.util.spec_from_file_location("cascade_local.convert", folder + "/__init__.py",
+                                              submodule_search_locations=[folder])
+module = importlib.util.module_from_spec(spec)
+sys.modules["cascade_local.convert"] = module
+spec.loader.exec_module(module)
+import cascade_local
+cascade_local.convert = module
+from cascade_local.cli.app import main
+sys.argv[0] = "cascade-local"
+main()
+"""
+
+
+def choice_args(choice: str) -> list[str]:
+    """`recipe:NAME` or a type name, as convert's options."""
+    return ["--recipe", choice.split(":", 1)[1]] if choice.startswith("recipe:") else ["--type", choice]
+
+
+def choice_label(choice: str) -> str:
+    return " ".join(choice_args(choice))
+
+
+def converter_command(info: SliceInfo, choice: str, gguf: Path, convert_src: Path | None = None) -> list[str]:
+    args = ["convert", str(info.folder), "-o", str(gguf), *choice_args(choice), "--force"]
+    if convert_src is not None:
+        return [sys.executable, "-c", OTHER_CONVERTER_CHILD, str(convert_src), *args]
     cli = Path(sys.executable).with_name("cascade-local")
     exe = str(cli) if cli.exists() else shutil.which("cascade-local")
     if exe is None:
         raise SystemExit("error: the cascade-local CLI is not installed next to this Python or on PATH")
-    return [exe, "convert", str(info.folder), "-o", str(gguf), "--type", qtype, "--force"]
+    return [exe, *args]
+
+
+def measure_quantize_only(info: SliceInfo, choice: str, out_dir: Path) -> Row:
+    """The converter's encoder alone on every block, from memory: the compute bound of a conversion."""
+    script = Path(__file__).resolve().with_name("convert_profile.py")
+    cmd = [sys.executable, str(script), str(info.folder), *choice_args(choice), "--quantize-only"]
+    step = f"quantize-only {choice_label(choice)} (from memory, no I/O)"
+    log(f"running {step}")
+    _, rss, code, output = run_child(cmd, out_dir / f"quantize_only-{choice.replace(':', '-')}.log")
+    try:
+        seconds = float(output.split()[-1])
+    except (IndexError, ValueError):
+        raise StepFailed(step, code, output) from None
+    if code != 0:
+        raise StepFailed(step, code, output)
+    log(f"{step}: {seconds:.1f} s")
+    return Row(step, seconds, rss, info.tensor_bytes, None)
 
 
 def llama_cpp_command(info: SliceInfo, gguf: Path) -> list[str] | None:
@@ -264,15 +347,16 @@ def header_line(info: SliceInfo) -> str:
 def format_table(rows: Sequence[Row], info: SliceInfo) -> list[str]:
     raw_mbps = rows[0].read_bytes / rows[0].wall_s / MB
     lines = ["| step | wall s | peak RSS GB | RSS / one layer's experts | bytes written GB | read MB/s "
-             "| ratio to raw read | write MB/s |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+             "| ratio to raw read | write MB/s | wall / max(raw read, quantize-only) |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for row in rows:
         read_mbps = row.read_bytes / row.wall_s / MB
+        read = f"{read_mbps:.0f} | {read_mbps / raw_mbps:.2f}" if row.read_bytes else "- | -"
         written = "-" if row.written_bytes is None else f"{row.written_bytes / GB:.2f}"
         write_mbps = "-" if row.written_bytes is None else f"{row.written_bytes / row.wall_s / MB:.0f}"
         lines.append(f"| {row.step} | {row.wall_s:.1f} | {row.peak_rss_bytes / GB:.2f} "
-                     f"| {row.peak_rss_bytes / info.layer_expert_bytes:.3f} | {written} | {read_mbps:.0f} "
-                     f"| {read_mbps / raw_mbps:.2f} | {write_mbps} |")
+                     f"| {row.peak_rss_bytes / info.layer_expert_bytes:.3f} | {written} | {read} | {write_mbps} "
+                     f"| {'-' if row.bound_s is None else f'{row.wall_s / row.bound_s:.2f}'} |")
     return lines
 
 
@@ -292,6 +376,9 @@ def notes(info: SliceInfo, cache_dropped: int, llama_skipped: bool, llama_failur
         f"{info.layer_expert_bytes / GB:.2f} GB.",
         f"- read MB/s: bytes read / wall time (raw read: {info.file_bytes / GB:.2f} GB of shard files; "
         f"converters: {info.tensor_bytes / GB:.2f} GB of tensor data). GB and MB are 10^9 and 10^6 bytes.",
+        "- quantize-only: the converter's encoder on every block already copied into memory (only the encoding "
+        "is timed; its read MB/s is tensor bytes over that time). wall / max(...) compares a conversion with "
+        "the larger of the raw read and its own recipe's quantize-only: 1.00 would be perfect overlap.",
         "- Output GGUFs were deleted after measuring.",
     ]
     if llama_skipped:
@@ -310,6 +397,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", choices=CONVERTER_TYPES, default=["bf16", "q8_0"],
                         help="converter --type values to time (default: bf16 q8_0)")
+    parser.add_argument("--recipes", nargs="+", default=["q4-moe"],
+                        help="converter --recipe names to time, each with its quantize-only row (default: q4-moe)")
+    parser.add_argument("--compare-src", type=Path, default=None,
+                        help="a convert/ folder of another version: time its conversions too, in the same run")
     parser.add_argument("--pattern", default="MEM*E",
                         help="layer pattern of the slice to generate: M (Mamba), E (MoE), * (attention)")
     parser.add_argument("--slice-dir", type=Path, default=None,
@@ -342,11 +433,26 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
     cache_dropped = drop_page_cache(info.shards)
     log("timing the raw read baseline")
-    rows = [measure_raw_read(info, args.out_dir)]
-    for qtype in args.types:
-        gguf = args.out_dir / f"convert_bench-{qtype}.gguf"
-        rows.append(measure_conversion(f"cascade-local convert --type {qtype}",
-                                       converter_command(info, qtype, gguf), gguf, info, args.out_dir))
+    rows = [measure_raw_read(info, args.out_dir), measure_raw_write(info, args.out_dir)]
+    raw_wall = rows[0].wall_s
+    choices = [*args.types, *(f"recipe:{r}" for r in args.recipes)]
+    bounds = {}
+    for choice in choices:
+        if choice in ("bf16", "f16", "f32"):
+            bounds[choice] = raw_wall
+        else:
+            rows.append(measure_quantize_only(info, choice, args.out_dir))
+            bounds[choice] = max(raw_wall, rows[-1].wall_s)
+    for choice in choices:
+        label = choice_label(choice)
+        gguf = args.out_dir / f"convert_bench-{choice.replace(':', '-')}.gguf"
+        if args.compare_src is not None:
+            row = measure_conversion(f"previous converter {label}",
+                                     converter_command(info, choice, gguf, args.compare_src), gguf, info, args.out_dir)
+            rows.append(dataclasses.replace(row, bound_s=bounds[choice]))
+        row = measure_conversion(f"cascade-local convert {label}", converter_command(info, choice, gguf), gguf,
+                                 info, args.out_dir)
+        rows.append(dataclasses.replace(row, bound_s=bounds[choice]))
     llama_gguf = args.out_dir / "convert_bench-llama.cpp-bf16.gguf"
     llama_cmd = llama_cpp_command(info, llama_gguf)
     llama_failure = None

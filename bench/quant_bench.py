@@ -12,7 +12,7 @@ divergence of each GGUF's next-token distribution from the BF16 GGUF's, and top-
 fixed token sequences (320 positions), computed by llama.cpp itself. Sizes are tensor bytes, so bits
 per weight are comparable across files. Ratios are to the Q4_K_M baseline measured in the same run.
 
-    .venv/bin/python bench/quant_bench.py [--targets tiny slice] [--recipes q4-moe q5-moe q8 small]
+    .venv/bin/python bench/quant_bench.py [--targets tiny slice] [--recipes q4-moe q5-moe q8 small] [--slice-dir DIR]
 """
 
 from __future__ import annotations
@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["tiny", "slice"], choices=["tiny", "slice"])
     parser.add_argument("--recipes", nargs="+", default=["q4-moe", "q5-moe", "q8", "small"])
     parser.add_argument("--pattern", default="MEM*E", help="layer pattern of the slice")
+    parser.add_argument("--slice-dir", type=Path, default=None,
+                        help="an existing slice checkpoint to use (default: bench/out/slice-<pattern>)")
     args = parser.parse_args()
     header = (f"Quantization benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs "
               f"({cpu_model()}), {meminfo_kb('MemTotal') / 1e6:.1f} GB RAM; KL over {SEQUENCES * SEQ_LEN} positions")
@@ -248,7 +250,7 @@ def main() -> None:
         if target == "tiny":
             src = ROOT / "tests" / "fixtures" / "tiny"
         else:
-            src = OUT / slice_dir_name(args.pattern)
+            src = args.slice_dir or OUT / slice_dir_name(args.pattern)
             ensure_slice(src, args.pattern, seed=0)
         rows = run_target(target, src, args.recipes, OUT / f"quant-{target}")
         lines += [*table(f"{target}: {src.name}", rows), ""]

@@ -48,6 +48,39 @@ def default_threads() -> int:
     return available_cpus()
 
 
+def quantize_into(
+    values: np.ndarray,
+    qtype: gguf.GGMLQuantizationType,
+    out: np.ndarray,
+    imatrix: np.ndarray | None = None,
+) -> None:
+    """Quantize float32 rows (C-contiguous, rows x n_per_row) into `out`, exactly their bytes, on this thread.
+
+    The building block for callers that schedule their own threads; ctypes releases the GIL for the call.
+    Rows are quantized independently, so any split of a matrix into row ranges gives the same bytes.
+    """
+    n_per_row = values.shape[-1]
+    nrows = values.size // n_per_row if n_per_row else 0
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if n_per_row % block_size:
+        raise ValueError(f"row width {n_per_row} is not a multiple of {qtype.name}'s block size {block_size}")
+    if values.dtype != np.float32 or not values.flags.c_contiguous:
+        raise ValueError("quantize_into needs C-contiguous float32 rows")
+    if not out.flags.c_contiguous or out.nbytes != nrows * (n_per_row // block_size * type_size):
+        raise ValueError(f"output buffer of {out.nbytes} bytes does not fit {nrows} rows of {qtype.name}")
+    if nrows == 0:
+        return
+    lib = _lib()
+    if imatrix is None and lib.ggml_quantize_requires_imatrix(int(qtype)):
+        raise ValueError(f"{qtype.name} needs an importance matrix")
+    if imatrix is not None and (imatrix.dtype != np.float32 or imatrix.shape != (n_per_row,)):
+        raise ValueError(f"importance matrix has shape {imatrix.shape}, expected ({n_per_row},) float32")
+    imat_ptr = imatrix.ctypes.data if imatrix is not None else None
+    written = lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, imat_ptr)
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+
+
 def quantize_rows(
     values: np.ndarray,
     qtype: gguf.GGMLQuantizationType,

@@ -9,22 +9,32 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from collections import deque
-from functools import cache
 
 RECENT: deque[str] = deque(maxlen=400)
 _partial: list[str] = []
 _callback = None  # keep a reference: a collected ctypes callback crashes the process
+# Held while the callback is installed. functools.cache is no lock: the converter's encoder threads used to call
+# this together on first use, each made its own callback, and llama.cpp could be left holding one that Python
+# had already collected; the next log line then jumped into freed memory.
+_install_lock = threading.Lock()
 
 
 def _echo() -> bool:
     return os.environ.get("CASCADE_LOCAL_LLAMA_LOG", "") not in ("", "0")
 
 
-@cache
 def quiet_llama() -> None:
-    """Install the log callback; llama.cpp's messages go to RECENT (and stderr if CASCADE_LOCAL_LLAMA_LOG=1)."""
+    """Install the log callback, once per process, from any thread; llama.cpp's messages go to RECENT
+    (and stderr if CASCADE_LOCAL_LLAMA_LOG=1)."""
     global _callback
+    with _install_lock:
+        if _callback is None:
+            _callback = _install()
+
+
+def _install() -> object:
     import llama_cpp
 
     @llama_cpp.llama_log_callback
@@ -38,8 +48,8 @@ def quiet_llama() -> None:
             if _echo():
                 print(line, file=sys.stderr)
 
-    _callback = on_log
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    return on_log
 
 
 def recent_lines(contains: str | None = None) -> list[str]:

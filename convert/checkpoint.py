@@ -86,6 +86,12 @@ class Checkpoint:
     def release(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> None:
         self._shards[self._shard_of(name)].release(name, first_byte, end_byte)
 
+    def file_span(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> tuple[int, int, int]:
+        return self._shards[self._shard_of(name)].file_span(name, first_byte, end_byte)
+
+    def prefetch(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> None:
+        self._shards[self._shard_of(name)].prefetch(name, first_byte, end_byte)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

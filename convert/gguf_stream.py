@@ -11,6 +11,7 @@ renamed only once complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ class GGUFStreamWriter:
         self.meta.write_kv_data_to_file()
         self.meta.write_ti_data_to_file()
         self.meta.close()
-        self._fh = open(self.tmp_path, "ab")  # noqa: SIM115 - closed in finish()/abort()
+        # Not append mode: copy_file_range refuses a destination opened with O_APPEND.
+        self._fh = open(self.tmp_path, "r+b")  # noqa: SIM115 - closed in finish()/abort()
+        self._fh.seek(0, os.SEEK_END)
         self._pad()
         self._state = _State.WRITING
         self._skip_empty()
@@ -93,14 +96,46 @@ class GGUFStreamWriter:
         """Append the next bytes of the current tensor; pieces must not cross into the next tensor."""
         self._expect(_State.WRITING, "write")
         buf = np.ascontiguousarray(data).data.cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+        self._check_room(len(buf))
+        self._file().write(buf)
+        self._advance(len(buf))
+
+    def copy_range(self, fd: int, offset: int, length: int) -> None:
+        """Like `write`, with the bytes at `offset` of open file `fd`: copied by the kernel, never mapped here.
+
+        A BF16 checkpoint's bytes pass through unchanged; copy_file_range moves them from page cache to page
+        cache without faulting them into this process and copying them again through a write().
+        """
+        self._expect(_State.WRITING, "write")
+        self._check_room(length)
+        fh = self._file()
+        fh.flush()
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(fd, fh.fileno(), length - done, offset + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                n = fh.write(os.pread(fd, min(length - done, 1 << 24), offset + done))
+                fh.flush()
+            if n == 0:
+                raise ConversionError("a checkpoint shard ended early: was it truncated during the conversion?")
+            done += n
+        fh.seek(0, os.SEEK_END)  # the kernel moved the descriptor's position; the buffered file must follow
+        self._advance(length)
+
+    def _check_room(self, n_bytes: int) -> None:
         if self._current >= len(self.slots):
             raise ConversionError("internal error: more tensor data than declared")
         slot = self.slots[self._current]
-        if self._written_in_current + len(buf) > slot.nbytes:
+        if self._written_in_current + n_bytes > slot.nbytes:
             raise ConversionError(f"internal error: {slot.name} received more than its {slot.nbytes} bytes")
-        self._file().write(buf)
-        self._written_in_current += len(buf)
-        self.bytes_written += len(buf)
+
+    def _advance(self, n_bytes: int) -> None:
+        slot = self.slots[self._current]
+        self._written_in_current += n_bytes
+        self.bytes_written += n_bytes
         if self._written_in_current == slot.nbytes:
             self._pad()
             self._current += 1

@@ -2,7 +2,9 @@
 
 The pipeline is fixed: plan every tensor (all names, shapes and types checked before a byte is
 written), write metadata and the tensor table, then stream each tensor's rows from the memory-mapped
-shards through its transform and encoder into the file. At most one block of rows is in memory.
+shards through its transform and encoder into the file. Reading, encoding and writing overlap (a
+read-ahead thread, the encoder's threads, a writer thread; see overlap.py), with a few blocks of rows
+in memory at most.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -21,10 +24,11 @@ from cascade_local.errors import ConversionError, UsageError
 from cascade_local.output_lock import output_lock
 
 from .checkpoint import Checkpoint
-from .encode import encode_rows
+from .encode import BlockEncoder
 from .gguf_stream import GGUFStreamWriter
 from .imatrix import Imatrix, rows_for
 from .metadata import ARCH, size_label, write_general, write_hparams, write_sampling_defaults
+from .overlap import BlockWriter, ReadAhead
 from .policy import FLOAT_TYPES
 from .recipes import Recipe
 from .tensor_map import TRANSFORMS, PlannedTensor, TensorClass, Transform, plan_tensors
@@ -33,9 +37,15 @@ from .tokenizer import write_tokenizer
 # Rows are read and encoded in blocks of about this many source bytes: big enough to amortise the
 # per-call overhead of the quantizer, small enough that memory stays flat whatever the model size.
 BLOCK_BYTES = 32 * 1024 * 1024
+# The kernel is asked to read this far ahead of the encoder (page cache, not this process's memory), and
+# this many encoded blocks may wait for the writer: the bounds that keep peak memory flat.
+READ_AHEAD_BYTES = 4 * BLOCK_BYTES
+WRITE_QUEUE_BLOCKS = 3
 
 
 class ConversionProgress(Protocol):
+    """`advance` reports source bytes once their block is written; it is called from the writer thread."""
+
     def start(self, total_bytes: int, n_tensors: int) -> None: ...
     def tensor(self, name: str) -> None: ...
     def advance(self, source_bytes: int) -> None: ...
@@ -138,9 +148,7 @@ def _convert(src: Path, out: Path, recipe: Recipe, *, imatrix: Imatrix | None, n
         progress.start(result.source_bytes, len(planned))
         try:
             writer.begin()
-            for tensor, qtype, rows in zip(planned, types, importance, strict=True):
-                progress.tensor(tensor.name)
-                _stream_tensor(ckpt, tensor, qtype, rows, writer, progress, threads)
+            _stream_tensors(ckpt, planned, types, importance, writer, progress, threads)
             writer.finish()
         except BaseException as exc:
             writer.abort()
@@ -161,35 +169,108 @@ def _importance(imatrix: Imatrix | None, tensor: PlannedTensor, qtype: gguf.GGML
     return rows_for(imatrix, tensor.name, n_matrices, tensor.row_width)
 
 
-def _stream_tensor(
+@dataclass(frozen=True)
+class _Block:
+    """Rows [first, end) of one source matrix of one planned tensor: the unit read, encoded and written."""
+
+    tensor: int  # index into the planned tensors
+    matrix: int  # which source of the tensor (an expert, for stacked tensors)
+    first: int
+    end: int
+    row_bytes: int  # source bytes per row, as stored
+    last_of_source: bool
+
+    @property
+    def source_bytes(self) -> tuple[int, int]:
+        return self.first * self.row_bytes, self.end * self.row_bytes
+
+
+def _plan_blocks(ckpt: Checkpoint, planned: list[PlannedTensor]) -> list[_Block]:
+    """Every tensor's rows cut into blocks of about BLOCK_BYTES, in file order."""
+    blocks = []
+    for index, tensor in enumerate(planned):
+        for matrix, source in enumerate(tensor.sources):
+            entry = ckpt.entry(source)
+            width = tensor.shape[-1]
+            n_rows = entry.n_elements // width if width else 0
+            # A transformed tensor is encoded from its F32 values, so its blocks are counted in F32.
+            itemsize = entry.nbytes // max(1, entry.n_elements) if tensor.transform is Transform.NONE else 4
+            step = max(1, BLOCK_BYTES // max(1, width * itemsize))
+            row_bytes = width * (entry.nbytes // max(1, entry.n_elements))
+            starts = list(range(0, n_rows, step))
+            for first in starts:
+                end = min(first + step, n_rows)
+                blocks.append(_Block(index, matrix, first, end, row_bytes, first == starts[-1]))
+    return blocks
+
+
+def _stream_tensors(
     ckpt: Checkpoint,
-    tensor: PlannedTensor,
-    qtype: gguf.GGMLQuantizationType,
-    importance: np.ndarray | None,
+    planned: list[PlannedTensor],
+    types: list[gguf.GGMLQuantizationType],
+    importance: list[np.ndarray | None],
     writer: GGUFStreamWriter,
     progress: ConversionProgress,
     threads: int | None,
 ) -> None:
-    transform = TRANSFORMS[tensor.transform]
-    per_source_shape = tensor.shape[1:] if tensor.stacked else tensor.shape
-    for matrix, source in enumerate(tensor.sources):
-        entry = ckpt.entry(source)
-        weights = importance[matrix] if importance is not None else None
-        if tensor.transform is Transform.NONE:
-            raw, src_dtype = ckpt.raw(source), entry.dtype
-        else:
-            raw, src_dtype = transform(ckpt.f32(source)), "F32"
-        rows = raw.reshape(-1, per_source_shape[-1])
-        source_bytes_per_value = entry.nbytes // max(1, entry.n_elements)
-        step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.itemsize))
-        row_bytes = rows.shape[1] * source_bytes_per_value
-        for first in range(0, rows.shape[0], step):
-            block = rows[first : first + step]
-            writer.write(encode_rows(block, src_dtype, qtype, threads, weights))
-            progress.advance(block.size * source_bytes_per_value)
+    """Read, encode and write every block, the three stages at once (see overlap.py)."""
+    blocks = _plan_blocks(ckpt, planned)
+
+    def source_of(block: _Block) -> str:
+        return planned[block.tensor].sources[block.matrix]
+
+    def read_ahead(i: int) -> None:
+        ckpt.prefetch(source_of(blocks[i]), *blocks[i].source_bytes)
+
+    def written(block: _Block) -> Callable[[], None]:
+        def done() -> None:
+            source = source_of(block)
+            first_byte, end_byte = block.source_bytes
+            progress.advance(end_byte - first_byte)
             # An embedding or output matrix is 0.7 GB by itself: drop its pages block by block.
-            ckpt.release(source, first * row_bytes, (first + len(block)) * row_bytes)
-        ckpt.release(source)
+            ckpt.release(source, first_byte, end_byte)
+            if block.last_of_source:
+                ckpt.release(source)
+        return done
+
+    def write(item: np.ndarray | tuple[int, int, int]) -> None:
+        if isinstance(item, tuple):
+            writer.copy_range(*item)
+        else:
+            writer.write(item)
+
+    sizes = [b.source_bytes[1] - b.source_bytes[0] for b in blocks]
+    rows: np.ndarray | None = None
+    src_dtype = ""
+    with (BlockEncoder(threads) as encoder,
+          ReadAhead(read_ahead, sizes, READ_AHEAD_BYTES) as reader,
+          BlockWriter(write, WRITE_QUEUE_BLOCKS) as block_writer):
+        for block, size in zip(blocks, sizes, strict=True):
+            tensor, source = planned[block.tensor], source_of(block)
+            if block.first == 0:
+                if block.matrix == 0:
+                    progress.tensor(tensor.name)
+                if tensor.transform is Transform.NONE:
+                    raw, src_dtype = ckpt.raw(source), ckpt.entry(source).dtype
+                else:
+                    raw, src_dtype = TRANSFORMS[tensor.transform](ckpt.f32(source)), "F32"
+                rows = raw.reshape(-1, tensor.shape[-1])
+            assert rows is not None
+            weights = importance[block.tensor]
+            data: np.ndarray | tuple[int, int, int]
+            if _passes_through(tensor, src_dtype, types[block.tensor]):
+                data = ckpt.file_span(source, *block.source_bytes)  # the writer copies these bytes as they are
+            else:
+                data = encoder.encode(rows[block.first : block.end], src_dtype, types[block.tensor],
+                                      weights[block.matrix] if weights is not None else None)
+            reader.consumed(size)
+            block_writer.put(data, written(block))
+        block_writer.finish()
+
+
+def _passes_through(tensor: PlannedTensor, src_dtype: str, qtype: gguf.GGMLQuantizationType) -> bool:
+    """Whether the tensor's stored bytes are its GGUF bytes (BF16 to BF16, F16 to F16, F32 to F32)."""
+    return tensor.transform is Transform.NONE and src_dtype == qtype.name and qtype.name in ("BF16", "F16", "F32")
 
 
 def _disk_error(exc: OSError, out: Path) -> ConversionError:

@@ -147,6 +147,26 @@ class SafetensorsFile:
         if length > 0:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, length)
 
+    def file_span(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> tuple[int, int, int]:
+        """(file descriptor, offset in the file, length) of these bytes of a tensor, for in-kernel copies."""
+        entry = self.entries[name]
+        end = entry.nbytes if end_byte is None else end_byte
+        return self._fh.fileno(), self._data_start + entry.begin + first_byte, max(0, end - first_byte)
+
+    def prefetch(self, name: str, first_byte: int = 0, end_byte: int | None = None) -> None:
+        """Ask the kernel to start reading these bytes of a tensor into the page cache, and return at once.
+
+        posix_fadvise (not madvise on the map) because os calls release the GIL while the kernel queues
+        the reads. Pages read ahead sit in the page cache, not in this process's resident set.
+        """
+        if self._mmap is None or not hasattr(os, "posix_fadvise"):
+            return
+        entry = self.entries[name]
+        end = entry.nbytes if end_byte is None else end_byte
+        if end > first_byte:
+            os.posix_fadvise(self._fh.fileno(), self._data_start + entry.begin + first_byte, end - first_byte,
+                             os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         # Views handed out keep the mapping alive; closing the map under them would crash numpy.
         self._fh.close()
