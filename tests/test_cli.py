@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -193,3 +194,25 @@ def test_help_keeps_bracketed_words(command):
 def test_convert_force_names_the_option_it_overwrites():
     result = run_cli("convert", "--help", env={"COLUMNS": "300"})
     assert "Overwrite the --output file if it exists." in result.stdout
+
+
+def test_a_chat_that_outgrows_its_context_leaves_out_the_oldest_turns(tiny_gguf, tmp_path):
+    """--ctx 256: by the fourth long question the history cannot fit; the oldest turns make room, once said."""
+    questions = [f"Question {i}: " + " ".join(f"word{i}x{j}" for j in range(5)) for i in range(5)]
+    saved = tmp_path / "chat.json"
+    script = "\n".join([*questions, "/stats", f"/save {saved}"]) + "\n"
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--ctx", "256", "--max-tokens", "16", "--no-think",
+                     "--temperature", "0", "--system", "Be brief.", "--no-log", input=script)
+    assert result.returncode == 0, result.stderr
+    assert "does not fit" not in result.stderr
+    notices = re.findall(r"the context is full: the (\d+) oldest turns? left out of the prompt \(the system prompt "
+                         r"stays\); /clear starts afresh", result.stderr)
+    assert notices and all(int(n) >= 1 for n in notices), result.stderr
+    assert len(result.stdout.splitlines()) == 5  # every question answered
+    # Each stats line says how full the context was; /stats too, with the turns left out.
+    fills = [int(p) for p in re.findall(r"context (\d+)% full \(\d+/256\)", result.stderr)]
+    assert len(fills) == 6 and all(0 < p <= 100 for p in fills), result.stderr  # 5 answers, and /stats
+    assert re.search(r"oldest turns? left out to fit \(/clear starts afresh\)", result.stderr)
+    # The turns left out of the prompt stay in the conversation that is saved.
+    messages = json.loads(saved.read_text(encoding="utf-8"))["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == questions
