@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import run_cli
@@ -216,3 +219,29 @@ def test_a_chat_that_outgrows_its_context_leaves_out_the_oldest_turns(tiny_gguf,
     # The turns left out of the prompt stay in the conversation that is saved.
     messages = json.loads(saved.read_text(encoding="utf-8"))["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == questions
+
+
+HELP_CHECK = """
+import sys
+from cascade_local.cli.app import main
+for command in sys.argv[1:]:
+    sys.argv = ["cascade-local", *command.split(), "--help"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code == 0, (command, exc.code)
+heavy = {"numpy", "gguf", "llama_cpp", "jinja2", "tokenizers", "httpx", "sqlite3", "prompt_toolkit", "yaml",
+         "psutil", "safetensors"}
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules} & heavy)))
+"""
+
+
+def test_help_imports_none_of_the_heavy_libraries():
+    """--help of every command stays quick: numpy, llama.cpp, jinja2... load when a command runs, not before.
+    (bench/startup_bench.py measures the time; this checks the cause, which a timed test could not do reliably.)"""
+    commands = ["", "convert", "info", "plan", "chat", "run", "batch", "pull", "list", "rm", "doctor", "eval",
+                "serve", "logs", "logs show", "rpc-server", "cache", "cache list"]
+    done = subprocess.run([sys.executable, "-c", HELP_CHECK, *commands], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "", f"imported by --help: {done.stdout.splitlines()[-1]}"

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from cascade_local.cli.console import err_console, out_console
-from cascade_local.cli.progress_view import ConversionProgressBar, conversion_summary
 
 
 def convert(
@@ -30,6 +29,7 @@ def convert(
 
     Example: cascade-local convert ./Nemotron-Cascade-2-30B-A3B -o cascade2-q4.gguf --recipe q4-moe
     """
+    from cascade_local.cli.progress_view import ConversionProgressBar, conversion_summary
     from cascade_local.convert import convert as run_convert
     from cascade_local.convert import load_imatrix, uniform_recipe
     from cascade_local.errors import UsageError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -241,6 +240,8 @@ def _log_exchange(model: str, job: OneShot, calls: list[dict], result: Result) -
 
     The answer was given either way: a history that cannot be written is one warning line, not a failure.
     """
+    import sqlite3
+
     from cascade_local.conversation import TurnSettings
     from cascade_local.history import ConversationLog, HistoryError, connect
 
