@@ -245,3 +245,26 @@ def test_help_imports_none_of_the_heavy_libraries():
                           timeout=120, env={**os.environ, "COLUMNS": "100"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "", f"imported by --help: {done.stdout.splitlines()[-1]}"
+
+
+def test_short_options_mean_one_thing_in_every_command():
+    """-f is --file (run), never --force; -o is --output; -m --model; -c --continue."""
+    import typer.main
+
+    from cascade_local.cli.app import _register, app
+
+    _register()
+    meaning: dict[str, set[str]] = {}
+
+    def walk(command, path: str) -> None:
+        for param in getattr(command, "params", []):
+            names = [*param.opts, *param.secondary_opts]
+            longs = [n for n in names if n.startswith("--")]
+            for short in (n for n in names if n.startswith("-") and not n.startswith("--")):
+                meaning.setdefault(short, set()).add(longs[0] if longs else f"{path} {param.name}")
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "cascade-local")
+    assert meaning["-f"] == {"--file"}
+    assert {short: longs for short, longs in meaning.items() if len(longs) > 1} == {}

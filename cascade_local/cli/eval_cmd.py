@@ -17,7 +17,7 @@ def _progress(what: str, done: int, total: int) -> None:
 
 def eval_(
     model: str = typer.Argument(..., help="The GGUF to measure (a file or a registry name)."),
-    reference: Path = typer.Option(..., "--reference", "-r", help="The reference: a GGUF of the same vocabulary "
+    reference: Path = typer.Option(..., "--reference", help="The reference: a GGUF of the same vocabulary "
                                    "(e.g. the BF16 conversion), or a logits file saved with --save-logits."),
     text: Path | None = typer.Option(None, "--text", help="Text to evaluate on (default: the multi-domain text "
                                      "shipped with cascade-local)."),

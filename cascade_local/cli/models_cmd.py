@@ -14,7 +14,7 @@ def pull(
     model: str = typer.Argument(..., help="A registry name (models.toml) or a local checkpoint folder."),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Quantization recipe (default: the model's)."),
     gguf: bool = typer.Option(False, "--gguf", help="Download a prebuilt GGUF instead of converting safetensors."),
-    force: bool = typer.Option(False, "--force", "-f", help="Fetch and convert again even if present."),
+    force: bool = typer.Option(False, "--force", help="Fetch and convert again even if present."),
 ) -> None:
     """Download a model from the Hugging Face Hub (resumable) and convert it once, or import a checkpoint folder.
 
