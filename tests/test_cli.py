@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -268,3 +269,20 @@ def test_short_options_mean_one_thing_in_every_command():
     walk(typer.main.get_command(app), "cascade-local")
     assert meaning["-f"] == {"--file"}
     assert {short: longs for short, longs in meaning.items() if len(longs) > 1} == {}
+
+
+@pytest.mark.parametrize("command", ["", "convert", "info", "plan", "chat", "run", "batch", "pull", "list", "rm",
+                                     "doctor", "eval", "serve", "logs", "logs show", "rpc-server", "cache"])
+def test_help_reads_cleanly(command):
+    """No <bool> on flags; usage lines spell arguments NAME or [NAME]; paragraphs wrap to the terminal, not to
+    the source file (at 1000 columns every paragraph of the description is one line)."""
+    result = run_cli(*command.split(), "--help", env={"COLUMNS": "1000"})
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "<bool>" not in text
+    usage = next(line for line in text.splitlines() if "Usage:" in line)
+    words = usage.split("[OPTIONS]", 1)[1].split()
+    assert all(re.fullmatch(r"\[?[A-Z][A-Z_-]*\]?(\.\.\.)?", w) for w in words), usage
+    description = text.split("Usage:", 1)[1].split("╭", 1)[0].splitlines()[1:]
+    lines = [line.strip() for line in description]
+    assert all(not (a and b) for a, b in itertools.pairwise(lines)), description  # no two text lines in a row

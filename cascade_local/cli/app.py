@@ -59,12 +59,19 @@ def _invoked(argv: list[str]) -> str | None:
 def _register(only: str | None = None) -> None:
     import importlib
 
+    from cascade_local.cli import help_style
+
+    help_style.apply()
     for name, (module_name, attribute) in COMMANDS.items():
         if only is not None and name != only:
             continue
         target = getattr(importlib.import_module(f"cascade_local.cli.{module_name}"), attribute)
+        help_style.unwrap_commands(target)
         if isinstance(target, typer.Typer):
-            app.add_typer(target, name=name, **({"help": GROUP_HELP[name]} if name in GROUP_HELP else {}))
+            if name in GROUP_HELP:
+                app.add_typer(target, name=name, help=GROUP_HELP[name])
+            else:
+                app.add_typer(target, name=name)
         else:
             app.command(name)(target)
 
