@@ -441,3 +441,24 @@ def test_a_resize_while_an_answer_streams_leaves_no_stale_copy(tmp_path, scripte
         _assert_each_word_once(pane.wait(lambda s: STREAM_DONE.search(s), "the answer's stats line"))
     finally:
         pane.close()
+
+
+def test_run_show_thinking_on_a_terminal_is_dim_and_labelled(tmp_path, tiny_gguf):
+    done = tmp_path / "done"
+    command = " ".join(shlex.quote(a) for a in [
+        "env", "-u", "NO_COLOR", "-u", "FORCE_COLOR", f"CASCADE_LOCAL_HOME={tmp_path / 'home'}", sys.executable, "-m",
+        "cascade_local", "run", str(tiny_gguf("q8_0")), "Hello", "--show-thinking", "--max-tokens", "12",
+        "--temperature", "0", "--threads", "2"])
+    pane = Pane(tmp_path / "run.sock", f"{command}; touch {shlex.quote(str(done))}; sleep 60", width=100, height=30)
+    try:
+        deadline = time.monotonic() + 60
+        while not done.exists():
+            assert time.monotonic() < deadline, pane.screen()
+            time.sleep(0.1)
+        styled = pane.tmux("capture-pane", "-p", "-e", "-t", "chat").stdout
+        plain = pane.screen()
+        assert re.search(r"^thinking$", plain, re.M), plain  # the label, on a line of its own
+        reasoning = styled.split("thinking", 1)[1].split("tokens (", 1)[0]
+        assert re.search(r"\x1b\[(\d+;)*2(;\d+)*m", reasoning), repr(styled)  # the reasoning is dim
+    finally:
+        pane.close()

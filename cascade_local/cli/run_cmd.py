@@ -209,8 +209,11 @@ def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_th
     answer, started = None, False
     with ToolLoop(engine, make_tools(tools), thinking=job.thinking, sampling=job.sampling,
                   max_tokens=job.max_tokens, budget=job.budget, yes=True) as loop:
+        last = None
         for event in loop.stream(build_messages(job.prompt, job.system)):
             if event.kind == "reasoning" and show_thinking:
+                if last != "reasoning":
+                    _thinking_label()
                 err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
             elif event.kind == "content" and not json_out:
                 text = event.text if started else event.text.lstrip()
@@ -222,6 +225,7 @@ def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_th
                 err_console.print(f"[output]\n{event.text}", style="dim", highlight=False, markup=False)
             elif event.kind == "done":
                 answer = event.answer
+            last = event.kind
     assert answer is not None
     from cascade_local.cli.chat.tools import answer_result
 
@@ -271,6 +275,8 @@ def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Resul
                     write_stdout("\n")
                 return event.result
             if event.kind == "reasoning" and show_thinking:
+                if last != "reasoning":
+                    _thinking_label()
                 err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
             elif event.kind == "content" and not json_out:
                 if last == "reasoning" and show_thinking:
@@ -286,6 +292,13 @@ def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Resul
             err_console.print()
         raise
     raise AssertionError("the engine ended a stream without a result")
+
+
+def _thinking_label() -> None:
+    """On a terminal, the reasoning (dim) starts under a label, so it is not taken for the answer; a pipe gets the
+    reasoning alone."""
+    if err_console.is_terminal:
+        err_console.print("thinking", style="dim italic", highlight=False)
 
 
 def write_stdout(text: str) -> None:
