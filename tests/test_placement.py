@@ -473,6 +473,17 @@ def test_plan_table_on_this_build(tiny_gguf):
     assert not ANSI.search(out + result.stderr)
 
 
+@pytest.mark.parametrize("extra", [[], ["--assume-gpu", "1GiB"]])
+def test_plan_verdict_gives_the_tables_ram_total(tiny_gguf, extra):
+    """The verdict's RAM once looked like a disagreement with the table (66 MiB against a 1.46 GiB total): it
+    leaves out the headroom, so it now also gives the table's total, with headroom."""
+    result = run_cli("plan", str(tiny_gguf("q8_0")), "--ctx", "4096", *extra, env={"COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    total = re.search(r"^\s*total\s.*?([\d.]+ [KMG]iB)\s*$", result.stdout, re.M).group(1)  # the RAM column
+    verdict = next(line for line in result.stdout.splitlines() if line.startswith("verdict"))
+    assert f"{total} with headroom" in verdict, (total, verdict)
+
+
 def test_plan_json_with_an_assumed_gpu(tiny_gguf):
     result = run_cli("plan", str(tiny_gguf("q8_0")), "--assume-gpu", "2GiB", "--ctx", "4096", "--parallel", "4",
                      "--n-cpu-moe", "2", "--json")
