@@ -69,6 +69,7 @@ def plan(
     from cascade_local.resolve import resolve_model
     from cascade_local.runtime import parse_ctx
 
+    fixed = parse_ctx(ctx)  # at least 256 tokens, as run, chat, batch and serve require; checked before any file
     overrides = [pair for text in override_tensor for pair in parse_override(text)]
     from cascade_local.runtime import PlacementOptions, offload_devices
 
@@ -78,7 +79,6 @@ def plan(
     args: dict[str, Any] = dict(gpu_bytes=budget.nbytes, parallel=parallel, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
                                 overrides=overrides, ram_bytes=system_memory()[1], gpu_available=budget.available,
                                 gpu_name=budget.name, kv_type=kv_type)
-    fixed = parse_ctx(ctx, minimum=1)  # the planner's own checks, as before auto
     if fixed is not None:
         result = plan_placement(gguf, ctx=fixed, **args)
     elif prompt_tokens is not None:
