@@ -28,19 +28,30 @@ class History:
         self.messages: list[Message] = []
         self.last: Result | None = None
         self.attached: list[str] = []  # documents for the next message (/read)
+        # The first message the prompt holds: the turns before it were left out to fit the context (they stay in
+        # `messages`, so /save and the history keep them).
+        self.start = 0
 
     def attach(self, text: str) -> None:
         """Puts a document before the next message, joined as `run -f FILE "question"` joins them."""
         self.attached.append(text.rstrip())
 
+    def _message(self, user_text: str) -> tuple[str, bool]:
+        """The user's message, attached documents first (they are used up); whether there were any."""
+        documents, self.attached = self.attached, []
+        return "\n\n".join([*documents, user_text.rstrip()]), bool(documents)
+
     def _ask(self, user_text: str) -> bool:
         """Appends the user's message, attached documents first; True when there were any."""
-        documents, self.attached = self.attached, []
-        self.messages.append({"role": "user", "content": "\n\n".join([*documents, user_text.rstrip()])})
-        return bool(documents)
+        text, has_document = self._message(user_text)
+        self.messages.append({"role": "user", "content": text})
+        return has_document
 
     def _history(self) -> list[Message]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages[self.start:]
+
+    def turns_left_out(self) -> int:
+        return sum(m["role"] == "user" for m in self.messages[:self.start])
 
     def _recorded(self, events: Iterator[Event]) -> Iterator[Event]:
         """Passes the reply's events on; the reply joins the history once complete (or interrupted)."""
@@ -70,12 +81,15 @@ class History:
         """Drops the last exchange and returns its user text, to ask again."""
         if len(self.messages) >= 2 and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
-            return self.messages.pop()["content"]
+            text = self.messages.pop()["content"]
+            self.start = min(self.start, len(self.messages))
+            return text
         return None
 
     def clear(self) -> None:
         self.messages.clear()
         self.attached = []
+        self.start = 0
 
 
 class Conversation(History):
@@ -100,9 +114,34 @@ class Conversation(History):
     def render_history(self) -> str:
         return self.model.template.render(self._history(), add_generation_prompt=False)
 
+    def context_size(self) -> int:
+        """Tokens one sequence of the engine holds: the prompt and the answer together."""
+        return self.engine.n_ctx // self.engine.n_seq_max
+
+    def make_room(self, user_text: str, settings: TurnSettings) -> int:
+        """Leaves out the oldest turns (never the system prompt) until the prompt that asks `user_text` fits the
+        context with room for an answer (a quarter of the context, or max_tokens if less). Returns how many
+        turns it left out; a question too long by itself is left for the engine to refuse."""
+        limit = self.context_size()
+        room = min(settings.max_tokens, limit // 4)
+        asked: list[Message] = [{"role": "user", "content": user_text}]
+        dropped = 0
+        while True:
+            prompt = self.model.template.render(self._history() + asked, add_generation_prompt=True,
+                                                enable_thinking=settings.thinking)
+            if len(self.model.encode_prompt(prompt)) + room <= limit:
+                return dropped
+            later = [i for i in range(self.start + 1, len(self.messages)) if self.messages[i]["role"] == "user"]
+            if not later and self.start == len(self.messages):
+                return dropped
+            self.start = later[0] if later else len(self.messages)  # whole turns: a question and its answer
+            dropped += 1
+
     def reply(self, user_text: str, settings: TurnSettings) -> Iterator[Event]:
         """Streams reasoning and answer; the reply joins the history once complete (or interrupted)."""
-        has_document = self._ask(user_text)
+        text, has_document = self._message(user_text)
+        self.make_room(text, settings)
+        self.messages.append({"role": "user", "content": text})
         tokens = self.model.encode_prompt(self.render(settings.thinking))
         # The history without the generation prompt is what the next turn's prompt will start with.
         stable = len(self.model.encode_prompt(self.render_history()))
@@ -140,7 +179,7 @@ class Conversation(History):
         last = self.messages[-1]
         if not question:
             return len(tokens) - 1
-        other = [*self.messages[:-1], {"role": "user", "content": last["content"][: -len(question)] + "?"}]
+        other = [*self.messages[self.start : -1], {"role": "user", "content": last["content"][: -len(question)] + "?"}]
         system = [{"role": "system", "content": self.system}] if self.system else []
         alt = self.model.encode_prompt(self.model.template.render(system + other, add_generation_prompt=True,
                                                                   enable_thinking=thinking))

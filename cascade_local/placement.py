@@ -433,9 +433,11 @@ class Plan:
 
     @property
     def verdict(self) -> str:
-        ram = (f" of {fmt_bytes(self.ram_available)} available" if self.ram_available is not None else "")
+        # The RAM figure with its headroom is the table's total, so the two lines never seem to disagree. (What
+        # is available has its own row above.)
+        ram = f"{fmt_bytes(self.need(CPU))} of RAM, {fmt_bytes(self.need(CPU) + self.headroom_cpu)} with headroom"
         if self.mode == CPU:
-            return f"{self.why_cpu}: everything on the CPU, {fmt_bytes(self.need(CPU))} of RAM{ram}"
+            return f"{self.why_cpu}: everything on the CPU, {ram}"
         gpu_experts, cpu_experts = self.expert_layers(GPU), self.expert_layers(CPU)
         if not cpu_experts:
             experts = "all experts on the GPU"
@@ -446,7 +448,7 @@ class Plan:
             experts = f"experts of {len(gpu_experts)} of {n} MoE layers on the GPU ({_ranges(gpu_experts)}), " \
                       "the rest in RAM"
         return (f"fits: {fmt_bytes(self.need(GPU))} on the GPU (of {fmt_bytes(self.gpu_budget)}, "
-                f"{fmt_bytes(self.headroom_gpu)} kept free), {fmt_bytes(self.need(CPU))} of RAM{ram}; {experts}")
+                f"{fmt_bytes(self.headroom_gpu)} kept free), {ram}; {experts}")
 
     def override_args(self, gpu_device: str = "CUDA0") -> list[str]:
         """The overrides as llama.cpp's `--override-tensor` values (GPU written as CUDA0, or the device planned for)."""

@@ -267,3 +267,20 @@ def test_ctrl_c_says_how_to_resume(tiny_gguf, tmp_path):
             job.wait()
     assert job.returncode == 130 and stdout == "" and "Traceback" not in stderr, stderr
     assert f"interrupted: the answers so far are in {out}; run the same command again to resume" in stderr
+
+
+def test_the_model_comes_first_as_in_run_and_chat(tiny_gguf, tmp_path):
+    """batch [MODEL] INPUT, as run [MODEL] PROMPT; -m/--model still works; the model given twice is refused."""
+    inp = write_lines(tmp_path / "prompts.txt", ["Hello", "Bye"])
+    model = str(tiny_gguf("q8_0"))
+    common = ["--max-tokens", "4", "--no-think", "--threads", "2"]
+    first = run_cli("batch", model, str(inp), "-o", str(tmp_path / "a.jsonl"), *common)
+    assert first.returncode == 0, first.stderr
+    assert "2 items: 2 answered" in first.stderr and [r["id"] for r in records(tmp_path / "a.jsonl")] == [1, 2]
+    old = run_cli("batch", str(inp), "-o", str(tmp_path / "b.jsonl"), "-m", model, *common)
+    assert old.returncode == 0 and "2 items: 2 answered" in old.stderr, old.stderr
+    twice = run_cli("batch", model, str(inp), "-o", str(tmp_path / "c.jsonl"), "-m", model, *common)
+    assert twice.returncode == 1 and "give the model once" in twice.stderr
+    missing = run_cli("batch", model, str(tmp_path / "nope.txt"), "-o", str(tmp_path / "d.jsonl"), *common)
+    assert missing.returncode == 1 and "nope.txt is not a file that exists" in missing.stderr
+    assert "Traceback" not in twice.stderr + missing.stderr

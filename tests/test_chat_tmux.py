@@ -341,3 +341,126 @@ def test_a_block_is_sent_exactly_as_typed_and_as_pasted(quick_chat_pane):
     pane.type("/exit")
     assert _wait_exit(pane, rc) == "0"
     assert _sent_messages(home) == ["a:\n    b\nc\nd", pasted]
+
+
+# -- wide characters in streamed Markdown, against a scripted server ------------------------------------------------
+
+WIDE_ANSWER = """# नमस्ते दुनिया 👍🏽 🇮🇳 👨‍👩‍👧
+
+यह एक अनुच्छेद है जिसमें हिंदी पाठ है और कुछ इमोजी 👍🏽 👨‍👩‍👧 🇮🇳 भी हैं, ताकि पंक्ति टर्मिनल की चौड़ाई से लंबी हो जाए और लपेटी जाए।
+
+| भाषा | झंडा | परिवार |
+|---|---|---|
+| हिंदी | 🇮🇳 | 👨‍👩‍👧 |
+| English | 🇬🇧 | 👍🏽 |
+
+- पहला बिंदु ✔️ ❤️
+- दूसरा बिंदु 🇮🇳 with some English words to make it long enough to wrap around the screen edge
+
+## दूसरा शीर्षक 👨‍👩‍👧
+
+Last line.
+"""
+
+
+def unique_words(text: str) -> list[str]:
+    """The words of the Markdown source that occur once in it, without Markdown's own marks."""
+    words = _words(text)
+    return [w for w in words if w and words.count(w) == 1]
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip("#|-*.,।•│┃─") for w in text.split()]
+
+
+@pytest.fixture
+def scripted_server(tmp_path):
+    """A test double: an OpenAI-style server on 127.0.0.1 that streams WIDE_ANSWER, 2 characters per event."""
+    def start(*extra: str) -> str:
+        text, port = tmp_path / "answer.md", tmp_path / "port"
+        text.write_text(WIDE_ANSWER, encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-m", "cascade_local.testing.scripted_server", str(text), str(port),
+                                 "--chunk", "2", "--delay", "0.01", *extra])
+        servers.append(proc)
+        deadline = time.monotonic() + 15
+        while not port.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the scripted server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port.read_text()}/v1"
+
+    servers: list[subprocess.Popen] = []
+    yield start
+    for proc in servers:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _answer_region(screen: str) -> str:
+    return screen.split(">>> hi\n", 1)[1].split("\n>>>", 1)[0]
+
+
+def _assert_each_word_once(screen: str) -> None:
+    shown = _words(_answer_region(screen))
+    counts = {w: shown.count(w) for w in unique_words(WIDE_ANSWER)}
+    assert all(n == 1 for n in counts.values()), (
+        f"words not shown exactly once: { {w: n for w, n in counts.items() if n != 1} }\n{screen}")
+
+
+STREAM_DONE = re.compile(r"^\d+ tokens \(0 thinking\)", re.M)
+
+
+def start_remote_chat(tmp_path: Path, url: str, width: int, height: int) -> Pane:
+    return Pane(tmp_path / "remote.sock", " ".join(shlex.quote(a) for a in [
+        "env", "-u", "NO_COLOR", "-u", "FORCE_COLOR", "-u", "COLUMNS", "-u", "LINES",
+        f"CASCADE_LOCAL_HOME={tmp_path / 'home'}", sys.executable, "-m", "cascade_local", "chat", "--endpoint", url,
+        "--no-think", "--no-log"]), width=width, height=height)
+
+
+@pytest.mark.parametrize("size", [(100, 30), (60, 20)])
+def test_streamed_markdown_with_wide_characters_shows_each_line_once(tmp_path, scripted_server, size):
+    """Hindi and compound emoji, which rich and the terminal measure differently, streamed as Markdown."""
+    pane = start_remote_chat(tmp_path, scripted_server(), *size)
+    try:
+        pane.wait_prompts(1)
+        pane.type("hi")
+        _assert_each_word_once(pane.wait(lambda s: STREAM_DONE.search(s), "the answer's stats line"))
+    finally:
+        pane.close()
+
+
+@pytest.mark.parametrize("new_width", [40, 90])
+def test_a_resize_while_an_answer_streams_leaves_no_stale_copy(tmp_path, scripted_server, new_width):
+    # The server pauses in the middle of the paragraph, the terminal is resized then (reflowing the live region),
+    # and the answer goes on at the new width. A resize while frames are being drawn races with them (the terminal
+    # may reflow before it reads a frame written for the old width): that case is not covered.
+    pane = start_remote_chat(tmp_path, scripted_server("--pause-after", "ताकि", "--pause", "5"), 60, 20)
+    try:
+        pane.wait_prompts(1)
+        pane.type("hi")
+        pane.wait(lambda s: "ताकि" in s, "the paragraph to stream")
+        time.sleep(0.5)  # the frame showing it is complete: no frame is drawn while the stream pauses
+        pane.tmux("resize-window", "-t", "chat", "-x", str(new_width))
+        _assert_each_word_once(pane.wait(lambda s: STREAM_DONE.search(s), "the answer's stats line"))
+    finally:
+        pane.close()
+
+
+def test_run_show_thinking_on_a_terminal_is_dim_and_labelled(tmp_path, tiny_gguf):
+    done = tmp_path / "done"
+    command = " ".join(shlex.quote(a) for a in [
+        "env", "-u", "NO_COLOR", "-u", "FORCE_COLOR", f"CASCADE_LOCAL_HOME={tmp_path / 'home'}", sys.executable, "-m",
+        "cascade_local", "run", str(tiny_gguf("q8_0")), "Hello", "--show-thinking", "--max-tokens", "12",
+        "--temperature", "0", "--threads", "2"])
+    pane = Pane(tmp_path / "run.sock", f"{command}; touch {shlex.quote(str(done))}; sleep 60", width=100, height=30)
+    try:
+        deadline = time.monotonic() + 60
+        while not done.exists():
+            assert time.monotonic() < deadline, pane.screen()
+            time.sleep(0.1)
+        styled = pane.tmux("capture-pane", "-p", "-e", "-t", "chat").stdout
+        plain = pane.screen()
+        assert re.search(r"^thinking$", plain, re.M), plain  # the label, on a line of its own
+        reasoning = styled.split("thinking", 1)[1].split("tokens (", 1)[0]
+        assert re.search(r"\x1b\[(\d+;)*2(;\d+)*m", reasoning), repr(styled)  # the reasoning is dim
+    finally:
+        pane.close()

@@ -393,6 +393,9 @@ class ScriptedConversation:
     def clear(self):
         self.messages.clear()
 
+    def turns_left_out(self):
+        return 0
+
 
 def _session(chat=None) -> tuple[ChatSession, io.StringIO]:
     err = io.StringIO()

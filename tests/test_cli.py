@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import run_cli
@@ -193,3 +198,91 @@ def test_help_keeps_bracketed_words(command):
 def test_convert_force_names_the_option_it_overwrites():
     result = run_cli("convert", "--help", env={"COLUMNS": "300"})
     assert "Overwrite the --output file if it exists." in result.stdout
+
+
+def test_a_chat_that_outgrows_its_context_leaves_out_the_oldest_turns(tiny_gguf, tmp_path):
+    """--ctx 256: by the fourth long question the history cannot fit; the oldest turns make room, once said."""
+    questions = [f"Question {i}: " + " ".join(f"word{i}x{j}" for j in range(5)) for i in range(5)]
+    saved = tmp_path / "chat.json"
+    script = "\n".join([*questions, "/stats", f"/save {saved}"]) + "\n"
+    result = run_cli("chat", str(tiny_gguf("q8_0")), "--ctx", "256", "--max-tokens", "16", "--no-think",
+                     "--temperature", "0", "--system", "Be brief.", "--no-log", input=script)
+    assert result.returncode == 0, result.stderr
+    assert "does not fit" not in result.stderr
+    notices = re.findall(r"the context is full: the (\d+) oldest turns? left out of the prompt \(the system prompt "
+                         r"stays\); /clear starts afresh", result.stderr)
+    assert notices and all(int(n) >= 1 for n in notices), result.stderr
+    assert len(result.stdout.splitlines()) == 5  # every question answered
+    # Each stats line says how full the context was; /stats too, with the turns left out.
+    fills = [int(p) for p in re.findall(r"context (\d+)% full \(\d+/256\)", result.stderr)]
+    assert len(fills) == 6 and all(0 < p <= 100 for p in fills), result.stderr  # 5 answers, and /stats
+    assert re.search(r"oldest turns? left out to fit \(/clear starts afresh\)", result.stderr)
+    # The turns left out of the prompt stay in the conversation that is saved.
+    messages = json.loads(saved.read_text(encoding="utf-8"))["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == questions
+
+
+HELP_CHECK = """
+import sys
+from cascade_local.cli.app import main
+for command in sys.argv[1:]:
+    sys.argv = ["cascade-local", *command.split(), "--help"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code == 0, (command, exc.code)
+heavy = {"numpy", "gguf", "llama_cpp", "jinja2", "tokenizers", "httpx", "sqlite3", "prompt_toolkit", "yaml",
+         "psutil", "safetensors"}
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules} & heavy)))
+"""
+
+
+def test_help_imports_none_of_the_heavy_libraries():
+    """--help of every command stays quick: numpy, llama.cpp, jinja2... load when a command runs, not before.
+    (bench/startup_bench.py measures the time; this checks the cause, which a timed test could not do reliably.)"""
+    commands = ["", "convert", "info", "plan", "chat", "run", "batch", "pull", "list", "rm", "doctor", "eval",
+                "serve", "logs", "logs show", "rpc-server", "cache", "cache list"]
+    done = subprocess.run([sys.executable, "-c", HELP_CHECK, *commands], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "", f"imported by --help: {done.stdout.splitlines()[-1]}"
+
+
+def test_short_options_mean_one_thing_in_every_command():
+    """-f is --file (run), never --force; -o is --output; -m --model; -c --continue."""
+    import typer.main
+
+    from cascade_local.cli.app import _register, app
+
+    _register()
+    meaning: dict[str, set[str]] = {}
+
+    def walk(command, path: str) -> None:
+        for param in getattr(command, "params", []):
+            names = [*param.opts, *param.secondary_opts]
+            longs = [n for n in names if n.startswith("--")]
+            for short in (n for n in names if n.startswith("-") and not n.startswith("--")):
+                meaning.setdefault(short, set()).add(longs[0] if longs else f"{path} {param.name}")
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "cascade-local")
+    assert meaning["-f"] == {"--file"}
+    assert {short: longs for short, longs in meaning.items() if len(longs) > 1} == {}
+
+
+@pytest.mark.parametrize("command", ["", "convert", "info", "plan", "chat", "run", "batch", "pull", "list", "rm",
+                                     "doctor", "eval", "serve", "logs", "logs show", "rpc-server", "cache"])
+def test_help_reads_cleanly(command):
+    """No <bool> on flags; usage lines spell arguments NAME or [NAME]; paragraphs wrap to the terminal, not to
+    the source file (at 1000 columns every paragraph of the description is one line)."""
+    result = run_cli(*command.split(), "--help", env={"COLUMNS": "1000"})
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "<bool>" not in text
+    usage = next(line for line in text.splitlines() if "Usage:" in line)
+    words = usage.split("[OPTIONS]", 1)[1].split()
+    assert all(re.fullmatch(r"\[?[A-Z][A-Z_-]*\]?(\.\.\.)?", w) for w in words), usage
+    description = text.split("Usage:", 1)[1].split("╭", 1)[0].splitlines()[1:]
+    lines = [line.strip() for line in description]
+    assert all(not (a and b) for a, b in itertools.pairwise(lines)), description  # no two text lines in a row

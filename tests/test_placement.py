@@ -474,6 +474,25 @@ def test_plan_table_on_this_build(tiny_gguf):
     assert not ANSI.search(out + result.stderr)
 
 
+def test_plan_ctx_has_the_same_floor_as_the_commands_that_load():
+    """plan --ctx 1 was planned while run, chat, batch and serve refuse under 256 tokens."""
+    for command in (["plan"], ["run", "Hi"]):
+        result = run_cli(command[0], "some-model.gguf", *command[1:], "--ctx", "100", input="")
+        assert result.returncode == 1, (command, result.stderr)
+        assert "--ctx must be at least 256 tokens, or auto (got 100)" in result.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--assume-gpu", "1GiB"]])
+def test_plan_verdict_gives_the_tables_ram_total(tiny_gguf, extra):
+    """The verdict's RAM once looked like a disagreement with the table (66 MiB against a 1.46 GiB total): it
+    leaves out the headroom, so it now also gives the table's total, with headroom."""
+    result = run_cli("plan", str(tiny_gguf("q8_0")), "--ctx", "4096", *extra, env={"COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    total = re.search(r"^\s*total\s.*?([\d.]+ [KMG]iB)\s*$", result.stdout, re.M).group(1)  # the RAM column
+    verdict = next(line for line in result.stdout.splitlines() if line.startswith("verdict"))
+    assert f"{total} with headroom" in verdict, (total, verdict)
+
+
 def test_plan_json_with_an_assumed_gpu(tiny_gguf):
     result = run_cli("plan", str(tiny_gguf("q8_0")), "--assume-gpu", "2GiB", "--ctx", "4096", "--parallel", "4",
                      "--n-cpu-moe", "2", "--json")
@@ -500,7 +519,7 @@ def test_plan_table_with_an_assumed_gpu_shows_the_overrides(tiny_gguf):
     (["--gpu-mem", "8 parsecs"], 1, "cannot read '8 parsecs' as a memory size"),
     (["--override-tensor", "blk.1"], 1, "write REGEX=DEVICE"),
     (["--parallel", "0"], 1, "--parallel must be between 1 and 256"),
-    (["--ctx", "0"], 1, "--ctx must be at least 1"),
+    (["--ctx", "0"], 1, "--ctx must be at least 256 tokens"),
     (["--assume-gpu", "8GiB", "--gpu-mem", "200MiB"], 2, "too small for the dense part"),
     (["--ctx", "1000000000", "--parallel", "4"], 2, "largest --ctx that fits"),
     # Every expert pinned to the GPU and no room for the dense part: once a max() of an empty list (issue 16).

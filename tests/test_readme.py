@@ -27,6 +27,7 @@ VOLATILE = [
     (re.compile(r"[\d.]+ [KMG]iB available"), "<free> available"),
     # The RAM headroom (and so the RAM total) is a share of the memory free when the plan is made.
     (re.compile(r"^(\s*(headroom|total)\s.*)$"), r"<\2: depends on free memory>"),
+    (re.compile(r"[\d.]+ [KMG]iB with headroom"), "<total> with headroom"),
     (re.compile(r"\b\d+ days ago\b|\btoday\b"), "<age>"),
     (re.compile(r'("(?:prompt|generation)_(?:tokens_per_second|seconds)": )[\d.e-]+'), r"\1<t>"),
     (re.compile(r"in [\d.]+ s \([\d.]+ tokens/s, [\d.]+ items/s\)"), "in <t> (<rate>)"),

@@ -38,40 +38,42 @@ def root(
     """Run NVIDIA Nemotron-Cascade-2-30B-A3B on your own desktop."""
 
 
-def _register() -> None:
-    from cascade_local.cli import (
-        batch_cmd,
-        chat_cmd,
-        convert_cmd,
-        doctor_cmd,
-        eval_cmd,
-        info_cmd,
-        logs_cmd,
-        models_cmd,
-        plan_cmd,
-        rpc_cmd,
-        run_cmd,
-        serve_cmd,
-    )
+# Each command's module, imported only when needed: `cascade-local run ...` imports run_cmd alone, while
+# `cascade-local --help` (which lists every command with its summary) imports them all.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("convert_cmd", "convert"), "chat": ("chat_cmd", "chat"), "info": ("info_cmd", "info"),
+    "plan": ("plan_cmd", "plan"), "run": ("run_cmd", "run"), "batch": ("batch_cmd", "batch"),
+    "pull": ("models_cmd", "pull"), "list": ("models_cmd", "list_"), "rm": ("models_cmd", "rm"),
+    "doctor": ("doctor_cmd", "doctor"), "eval": ("eval_cmd", "eval_"), "serve": ("serve_cmd", "serve"),
+    "logs": ("logs_cmd", "logs_app"), "rpc-server": ("rpc_cmd", "rpc_server"), "cache": ("cache_cmd", "cache_app"),
+}
+GROUP_HELP = {"cache": "List or clear the prompt states run keeps on disk."}
 
-    app.command("convert")(convert_cmd.convert)
-    app.command("chat")(chat_cmd.chat)
-    app.command("info")(info_cmd.info)
-    app.command("plan")(plan_cmd.plan)
-    app.command("run")(run_cmd.run)
-    app.command("batch")(batch_cmd.batch)
-    app.command("pull")(models_cmd.pull)
-    app.command("list")(models_cmd.list_)
-    app.command("rm")(models_cmd.rm)
-    app.command("doctor")(doctor_cmd.doctor)
-    app.command("eval")(eval_cmd.eval_)
-    app.command("serve")(serve_cmd.serve)
-    app.add_typer(logs_cmd.logs_app, name="logs")
-    app.command("rpc-server")(rpc_cmd.rpc_server)
 
-    from cascade_local.cli import cache_cmd
+def _invoked(argv: list[str]) -> str | None:
+    """The command named on the command line, if it is the first argument after the program's own options."""
+    words = [a for a in argv[1:2] if not a.startswith("-")]
+    return words[0] if words and words[0] in COMMANDS else None
 
-    app.add_typer(cache_cmd.cache_app, name="cache", help="List or clear the prompt states run keeps on disk.")
+
+def _register(only: str | None = None) -> None:
+    import importlib
+
+    from cascade_local.cli import help_style
+
+    help_style.apply()
+    for name, (module_name, attribute) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        target = getattr(importlib.import_module(f"cascade_local.cli.{module_name}"), attribute)
+        help_style.unwrap_commands(target)
+        if isinstance(target, typer.Typer):
+            if name in GROUP_HELP:
+                app.add_typer(target, name=name, help=GROUP_HELP[name])
+            else:
+                app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
 
 
 def _stdout_gone() -> bool:
@@ -161,7 +163,7 @@ def main() -> None:
     except (OSError, ValueError):
         pass
     try:
-        _register()
+        _register(_invoked(sys.argv))
         code = run_guarded(_invoke)
         try:
             sys.stdout.flush()

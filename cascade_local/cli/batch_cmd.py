@@ -19,13 +19,15 @@ if TYPE_CHECKING:
 
 
 def batch(
-    input: Path = typer.Argument(..., exists=True, dir_okay=False, show_default=False, metavar="INPUT",
-                                 help="Prompts: JSONL ({\"id\", \"prompt\" | \"messages\", options...} per line) or "
-                                 "one prompt per line."),
+    model: str | None = typer.Argument(None, show_default=False, metavar="MODEL", help="Registry name (default: "
+                                       "nemotron-cascade-2) or a .gguf path, as in run and chat; with --endpoint, "
+                                       "the served model's name. May be left out."),
+    input: str | None = typer.Argument(None, show_default=False, metavar="INPUT",
+                                       help="Prompts: JSONL ({\"id\", \"prompt\" | \"messages\", options...} per "
+                                       "line) or one prompt per line."),
     output: Path = typer.Option(..., "--output", "-o", show_default=False, metavar="OUTPUT",
                                 help="JSONL file of answers, one record per item as it completes."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Registry name (default: nemotron-cascade-2) or a "
-                                     ".gguf path."),
+    model_option: str | None = typer.Option(None, "--model", "-m", hidden=True, help="The old spelling of MODEL."),
     resume: bool | None = typer.Option(None, "--resume/--no-resume", show_default=False, help="Continue an existing "
                                        "OUTPUT (the default): skip ids answered there, retry those that failed. "
                                        "--no-resume refuses an existing OUTPUT."),
@@ -77,12 +79,13 @@ def batch(
 
     if force and resume:
         raise UsageError("--force overwrites OUTPUT and --resume continues it: choose one")
+    model, prompts = _model_and_input(model, input, model_option)
     settings = ItemSettings(think, budget, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, system,
                             ignore_eos)
     load = _Load(parse_ctx(ctx), kv_type, parse_size(cache_size), cache_min_tokens, threads,
                  PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor), (rpc,) if rpc else ()))
     try:
-        summary = _answer_all(input, output, model, endpoint, parallel, settings, resume, force, load)
+        summary = _answer_all(prompts, output, model, endpoint, parallel, settings, resume, force, load)
     except KeyboardInterrupt:
         # Every record written is on disk; say how to go on rather than just "interrupted".
         err_console.print(f"interrupted: the answers so far are in {output}; run the same command again to resume",
@@ -92,6 +95,21 @@ def batch(
     write_stdout(f"{output}\n")
     if summary.unanswered:
         raise typer.Exit(3)  # the job ran to the end, but not every item has an answer: scripts must hear it
+
+
+def _model_and_input(first: str | None, second: str | None, option: str | None) -> tuple[str | None, Path]:
+    """[MODEL] INPUT: one argument is INPUT; --model (the old spelling) may give the model instead."""
+    from cascade_local.errors import UsageError
+
+    model, given = (first, second) if second is not None else (None, first)
+    if given is None:
+        raise UsageError("missing INPUT: cascade-local batch [MODEL] INPUT -o OUTPUT")
+    if model is not None and option is not None:
+        raise UsageError("give the model once: as MODEL or with --model")
+    path = Path(given)
+    if not path.is_file():
+        raise UsageError(f"INPUT {given} is {'a folder' if path.is_dir() else 'not a file that exists'}")
+    return model if model is not None else option, path
 
 
 @dataclass(frozen=True)

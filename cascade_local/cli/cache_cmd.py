@@ -7,7 +7,6 @@ import json
 import typer
 
 from cascade_local.cli.console import err_console
-from cascade_local.cli.run_cmd import write_stdout
 
 cache_app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True)
 
@@ -17,6 +16,7 @@ def list_(json_out: bool = typer.Option(False, "--json", help="Print a JSON arra
     """List the stored prompt states, least recently used first: model id, tokens, size, last use, file."""
     from datetime import datetime
 
+    from cascade_local.cli.run_cmd import write_stdout
     from cascade_local.placement import fmt_bytes
     from cascade_local.prompt_store import default_folder, entries
 

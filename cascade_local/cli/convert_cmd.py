@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from cascade_local.cli.console import err_console, out_console
-from cascade_local.cli.progress_view import ConversionProgressBar, conversion_summary
 
 
 def convert(
@@ -18,7 +17,7 @@ def convert(
     type_: str | None = typer.Option(None, "--type", "-t", help="One type for every weight matrix instead of a "
                                      "recipe: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, mxfp4."),
     imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat)."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the --output file if it exists."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
     name: str | None = typer.Option(None, "--name", help="Model name stored in the file (default: folder name)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Quantization threads (default: the CPUs "
                                        "this process may use)."),
@@ -30,6 +29,7 @@ def convert(
 
     Example: cascade-local convert ./Nemotron-Cascade-2-30B-A3B -o cascade2-q4.gguf --recipe q4-moe
     """
+    from cascade_local.cli.progress_view import ConversionProgressBar, conversion_summary
     from cascade_local.convert import convert as run_convert
     from cascade_local.convert import load_imatrix, uniform_recipe
     from cascade_local.errors import UsageError

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import typer
-from rich import box
-from rich.table import Table
 
 from cascade_local.cli.console import out_console
-from cascade_local.gguf_info import human_bytes
-from cascade_local.machine_report import MachineReport, machine_report
-from cascade_local.placement import fmt_bytes
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from cascade_local.machine_report import MachineReport
+
 
 
 def doctor(
@@ -27,6 +29,8 @@ def doctor(
 
     Example: cascade-local doctor --json
     """
+    from cascade_local.machine_report import machine_report
+
     if refresh:
         from cascade_local.cpu_extra import cache_path
 
@@ -43,6 +47,12 @@ def _yes(flag: bool) -> str:
 
 
 def _table(r: MachineReport) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    from cascade_local.gguf_info import human_bytes
+    from cascade_local.placement import fmt_bytes
+
     table = Table(box=box.SIMPLE, show_header=False, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")

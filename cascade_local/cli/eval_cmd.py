@@ -7,19 +7,8 @@ import sys
 from pathlib import Path
 
 import typer
-from rich import box
-from rich.table import Table
 
 from cascade_local.cli.console import err_console, out_console
-from cascade_local.errors import UsageError
-from cascade_local.quality import (
-    ReferenceLogits,
-    compare,
-    default_text,
-    is_logits_file,
-    reference_logits,
-)
-from cascade_local.resolve import resolve_model
 
 
 def _progress(what: str, done: int, total: int) -> None:
@@ -28,7 +17,7 @@ def _progress(what: str, done: int, total: int) -> None:
 
 def eval_(
     model: str = typer.Argument(..., help="The GGUF to measure (a file or a registry name)."),
-    reference: Path = typer.Option(..., "--reference", "-r", help="The reference: a GGUF of the same vocabulary "
+    reference: Path = typer.Option(..., "--reference", help="The reference: a GGUF of the same vocabulary "
                                    "(e.g. the BF16 conversion), or a logits file saved with --save-logits."),
     text: Path | None = typer.Option(None, "--text", help="Text to evaluate on (default: the multi-domain text "
                                      "shipped with cascade-local)."),
@@ -46,6 +35,13 @@ def eval_(
 
     Example: cascade-local eval model-q4.gguf --reference model-bf16.gguf --save-logits ref.npz
     """
+    from rich import box
+    from rich.table import Table
+
+    from cascade_local.errors import UsageError
+    from cascade_local.quality import ReferenceLogits, compare, default_text, is_logits_file, reference_logits
+    from cascade_local.resolve import resolve_model
+
     path = resolve_model(model)
     if not reference.exists():
         raise UsageError(f"reference {reference} does not exist")
@@ -81,6 +77,8 @@ def eval_(
 
 
 def _read(path: Path) -> str:
+    from cascade_local.errors import UsageError
+
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import typer
-from rich import box
-from rich.table import Table
-from rich.text import Text
 
 from cascade_local.cli.console import out_console
-from cascade_local.gguf_info import human_bytes, printable, read_gguf
-from cascade_local.model_summary import ModelSummary, summarize, tensor_class
-from cascade_local.models import find_local
+
+if TYPE_CHECKING:
+    from rich.table import Table
+    from rich.text import Text
+
+    from cascade_local.model_summary import ModelSummary
+
 
 
 def info(
@@ -31,6 +31,10 @@ def info(
 
     Example: cascade-local info model.gguf --json
     """
+    from cascade_local.gguf_info import read_gguf
+    from cascade_local.model_summary import summarize
+    from cascade_local.models import find_local
+
     if not path.exists() and (local := find_local(str(path))) is not None:
         path = local.path
     summary = summarize(read_gguf(path))
@@ -46,12 +50,18 @@ def info(
 
 def _cell(value: Any, limit: int = 120) -> Text:
     """File-supplied text, shown literally: no rich markup, no terminal control characters."""
+    from rich.text import Text
+
+    from cascade_local.gguf_info import printable
+
     text = value if isinstance(value, str) else json.dumps(_short_floats(value), ensure_ascii=False)
     return Text(printable(text, limit))
 
 
 def _short_floats(value: Any) -> Any:
     """Show float32 metadata as written (1e-05), not as the double it widens to (9.999999747378752e-06)."""
+    import numpy as np
+
     if isinstance(value, list):
         return [_short_floats(v) for v in value]
     if isinstance(value, float) and float(np.float32(value)) == value:
@@ -71,6 +81,10 @@ def _types(types: dict[str, int]) -> str:
 
 
 def _overview(summary: ModelSummary) -> Table:
+    from rich.table import Table
+
+    from cascade_local.gguf_info import human_bytes
+
     g, tok = summary.gguf, summary.tokenizer
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
@@ -98,6 +112,11 @@ def _overview(summary: ModelSummary) -> Table:
 
 
 def _classes(summary: ModelSummary) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    from cascade_local.gguf_info import human_bytes
+
     table = Table(title="tensor classes", box=box.SIMPLE, title_justify="left")
     for name, justify in (("class", "left"), ("tensors", "right"), ("params", "right"), ("size", "right"),
                           ("bits/weight", "right"), ("types", "left")):
@@ -109,6 +128,12 @@ def _classes(summary: ModelSummary) -> Table:
 
 
 def _tensors(summary: ModelSummary) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    from cascade_local.gguf_info import human_bytes
+    from cascade_local.model_summary import tensor_class
+
     table = Table(title="tensors (shape in ggml order, innermost first)", box=box.SIMPLE, title_justify="left",
                   padding=(0, 1), pad_edge=False, collapse_padding=True)
     longest = max((len(t.name) for t in summary.gguf.tensors), default=4)
@@ -123,6 +148,9 @@ def _tensors(summary: ModelSummary) -> Table:
 
 
 def _metadata(summary: ModelSummary) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(title="metadata", box=box.SIMPLE, title_justify="left")
     table.add_column("key", overflow="fold")
     table.add_column("value", overflow="fold")

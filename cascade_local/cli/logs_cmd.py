@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 
 from cascade_local.cli.console import err_console
-from cascade_local.cli.run_cmd import write_stdout
 
 logs_app = typer.Typer(rich_markup_mode="rich")
 
@@ -46,6 +45,8 @@ def logs(
 
     Example: cascade-local logs -n 5 --search "prime numbers"
     """
+    from cascade_local.cli.run_cmd import write_stdout
+
     if ctx.invoked_subcommand is not None:
         return
     from cascade_local.history import open_store
@@ -77,6 +78,7 @@ def show(
 
     Example: cascade-local logs show 12 --json
     """
+    from cascade_local.cli.run_cmd import write_stdout
     from cascade_local.history import HistoryError, open_store, to_markdown
 
     store = open_store()
@@ -107,6 +109,7 @@ def path() -> None:
 
     Example: cascade-local logs path
     """
+    from cascade_local.cli.run_cmd import write_stdout
     from cascade_local.history import database_path
 
     write_stdout(f"{database_path()}\n")

@@ -6,17 +6,15 @@ import json
 import sys
 
 import typer
-from rich.table import Table
 
 from cascade_local.cli.console import err_console, out_console
-from cascade_local.cli.progress_view import ConversionProgressBar, human_bytes
 
 
 def pull(
     model: str = typer.Argument(..., help="A registry name (models.toml) or a local checkpoint folder."),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Quantization recipe (default: the model's)."),
     gguf: bool = typer.Option(False, "--gguf", help="Download a prebuilt GGUF instead of converting safetensors."),
-    force: bool = typer.Option(False, "--force", "-f", help="Fetch and convert again even if present."),
+    force: bool = typer.Option(False, "--force", help="Fetch and convert again even if present."),
 ) -> None:
     """Download a model from the Hugging Face Hub (resumable) and convert it once, or import a checkpoint folder.
 
@@ -24,6 +22,7 @@ def pull(
 
     Example: cascade-local pull nemotron-cascade-2 --recipe q4-moe
     """
+    from cascade_local.cli.progress_view import ConversionProgressBar, human_bytes
     from cascade_local.models import pull as pull_model
 
     with ConversionProgressBar(err_console) as bar:
@@ -37,6 +36,9 @@ def list_(json_: bool = typer.Option(False, "--json", help="Print a JSON array."
 
     Example: cascade-local list --json
     """
+    from rich.table import Table
+
+    from cascade_local.cli.progress_view import human_bytes
     from cascade_local.models import age, list_local
 
     models = list_local()

@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich import box
-from rich.table import Table
-from rich.text import Text
 
 from cascade_local.cli import options
 from cascade_local.cli.console import out_console
-from cascade_local.devices import resolve_gpu_budget, system_memory
-from cascade_local.gguf_info import read_gguf
-from cascade_local.placement import (
-    CPU,
-    CTX_PAD,
-    GPU,
-    ModelShape,
-    Plan,
-    _ranges,
-    context_room,
-    fmt_bytes,
-    parse_override,
-    plan_auto,
-    plan_placement,
-    split_by_device,
-    trained_context,
-)
-from cascade_local.resolve import resolve_model
-from cascade_local.runtime import parse_ctx
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from cascade_local.placement import Plan
+
 
 
 def plan(
@@ -67,6 +51,25 @@ def plan(
 
     Example: cascade-local plan model.gguf --gpu-mem 8GiB --ctx 32768 --parallel 4
     """
+    from cascade_local.devices import resolve_gpu_budget, system_memory
+    from cascade_local.gguf_info import read_gguf
+    from cascade_local.placement import (
+        CTX_PAD,
+        GPU,
+        ModelShape,
+        _ranges,
+        context_room,
+        fmt_bytes,
+        parse_override,
+        plan_auto,
+        plan_placement,
+        split_by_device,
+        trained_context,
+    )
+    from cascade_local.resolve import resolve_model
+    from cascade_local.runtime import parse_ctx
+
+    fixed = parse_ctx(ctx)  # at least 256 tokens, as run, chat, batch and serve require; checked before any file
     overrides = [pair for text in override_tensor for pair in parse_override(text)]
     from cascade_local.runtime import PlacementOptions, offload_devices
 
@@ -76,7 +79,6 @@ def plan(
     args: dict[str, Any] = dict(gpu_bytes=budget.nbytes, parallel=parallel, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
                                 overrides=overrides, ram_bytes=system_memory()[1], gpu_available=budget.available,
                                 gpu_name=budget.name, kv_type=kv_type)
-    fixed = parse_ctx(ctx, minimum=1)  # the planner's own checks, as before auto
     if fixed is not None:
         result = plan_placement(gguf, ctx=fixed, **args)
     elif prompt_tokens is not None:
@@ -106,10 +108,17 @@ def plan(
 
 
 def _cell(n: int) -> str:
+    from cascade_local.placement import fmt_bytes
+
     return fmt_bytes(n) if n else "—"
 
 
 def _table(plan: Plan, device: str = "GPU") -> Table:
+    from rich import box
+    from rich.table import Table
+
+    from cascade_local.placement import CPU, GPU
+
     m = plan.memory
     table = Table(title=f"{plan.parallel} sequence{'s' * (plan.parallel > 1)} × ctx {plan.ctx}", box=box.SIMPLE,
                   title_justify="left", show_footer=True)
@@ -137,6 +146,11 @@ def _table(plan: Plan, device: str = "GPU") -> Table:
 
 
 def _settings(plan: Plan, source: str, room: dict, gpu_device: str = "CUDA0") -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    from cascade_local.placement import GPU, fmt_bytes
+
     m = plan.memory
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -201,8 +200,11 @@ def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_th
     answer, started = None, False
     with ToolLoop(engine, make_tools(tools), thinking=job.thinking, sampling=job.sampling,
                   max_tokens=job.max_tokens, budget=job.budget, yes=True) as loop:
+        last = None
         for event in loop.stream(build_messages(job.prompt, job.system)):
             if event.kind == "reasoning" and show_thinking:
+                if last != "reasoning":
+                    _thinking_label()
                 err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
             elif event.kind == "content" and not json_out:
                 text = event.text if started else event.text.lstrip()
@@ -214,6 +216,7 @@ def _run_tools(engine: Engine, job: OneShot, tools: str, json_out: bool, show_th
                 err_console.print(f"[output]\n{event.text}", style="dim", highlight=False, markup=False)
             elif event.kind == "done":
                 answer = event.answer
+            last = event.kind
     assert answer is not None
     from cascade_local.cli.chat.tools import answer_result
 
@@ -232,6 +235,8 @@ def _log_exchange(model: str, job: OneShot, calls: list[dict], result: Result) -
 
     The answer was given either way: a history that cannot be written is one warning line, not a failure.
     """
+    import sqlite3
+
     from cascade_local.conversation import TurnSettings
     from cascade_local.history import ConversationLog, HistoryError, connect
 
@@ -261,6 +266,8 @@ def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Resul
                     write_stdout("\n")
                 return event.result
             if event.kind == "reasoning" and show_thinking:
+                if last != "reasoning":
+                    _thinking_label()
                 err_console.print(event.text, style="dim", end="", highlight=False, markup=False)
             elif event.kind == "content" and not json_out:
                 if last == "reasoning" and show_thinking:
@@ -276,6 +283,13 @@ def _show(events: Iterable[Event], json_out: bool, show_thinking: bool) -> Resul
             err_console.print()
         raise
     raise AssertionError("the engine ended a stream without a result")
+
+
+def _thinking_label() -> None:
+    """On a terminal, the reasoning (dim) starts under a label, so it is not taken for the answer; a pipe gets the
+    reasoning alone."""
+    if err_console.is_terminal:
+        err_console.print("thinking", style="dim italic", highlight=False)
 
 
 def write_stdout(text: str) -> None:

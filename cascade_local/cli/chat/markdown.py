@@ -101,52 +101,66 @@ class MarkdownStream:
         self.console = console
         self.blocks = MarkdownBlocks()
         self._printed = 0  # offset up to which the text's lines have been handed out
-        # (text, offset the pending rendering starts at, lines of that rendering already handed out): one tuple,
+        # (text, offset the pending rendering starts at, offset up to which its lines were handed out): one tuple,
         # replaced whole, because rich draws the pending lines from its own thread.
         self.view = ("", 0, 0)
+        self._skips: dict[tuple[str, int], int] = {}  # lines already handed out, by (text, width)
 
     def render(self, text: str, options: ConsoleOptions | None = None) -> list[list[Segment]]:
         from rich.markdown import Markdown
 
         return self.console.render_lines(Markdown(text), options or self.console.options, pad=False)
 
+    def _skip(self, text: str, options: ConsoleOptions | None) -> int:
+        # How many lines of the rendering are already out, counted at the width drawn now: after a resize the
+        # same text takes another number of lines, and a count kept from before would repeat or drop some.
+        key, skips = (text, (options or self.console.options).max_width), self._skips
+        if key not in skips:  # (both threads use it: replaced whole, never changed in place)
+            skips = self._skips = {key: len(self.render(text, options))}  # the last count is all that is reused
+        return skips[key]
+
     def feed(self, piece: str) -> list[list[Segment]]:
         """Adds text; returns the lines that became final (usually none)."""
         moved = self.blocks.feed(piece)
-        text, start, skip = self.blocks.text, self.view[1], self.view[2]
+        text, start, printed = self.blocks.text, self.view[1], self.view[2]
         if not moved:
-            self.view = (text, start, skip)
+            self.view = (text, start, printed)
             return []
         stable = self.blocks.stable
-        final = self.render(text[start:stable])[skip:]
-        self.view = (text, self._printed, len(self.render(text[self._printed:stable])))
+        final = self.render(text[start:stable])[self._skip(text[start:printed], None):]
+        self.view = (text, self._printed, stable)
         self._printed = stable
         return final
 
     def pending(self, options: ConsoleOptions | None = None) -> list[list[Segment]]:
-        text, start, skip = self.view
-        return self.render(text[start:], options)[skip:]
+        text, start, printed = self.view
+        return self.render(text[start:], options)[self._skip(text[start:printed], options):]
 
 
 class MarkdownAnswer:
     """The answer on a terminal: final lines printed above a live region that shows the rest (see MarkdownStream)."""
 
     def __init__(self, console: Console):
-        from rich.live import Live
         from rich.spinner import Spinner
+
+        from cascade_local.cli.chat.live_region import fitted_live
 
         self.stream = MarkdownStream(console)
         self._final = False
-        self.live: Live = Live(Spinner("dots", style="dim"), console=console, refresh_per_second=10,
-                               redirect_stdout=False, redirect_stderr=False)
+        self.version = 0  # changes with the text: the live region redraws only then (or on a resize)
+        self.live: Live = fitted_live(console, Spinner("dots", style="dim"))
         self.live.start(refresh=True)
 
     def add(self, text: str) -> None:
         first = not self.stream.blocks.text
+        self.version += 1
         # The view moves on before the final lines are printed, so no frame shows them twice.
         final = self.stream.feed(terminal_safe(text))
         if final:
-            self.live.console.print(Lines(final))
+            from cascade_local.cli.chat.live_region import fit_line
+
+            # Without their trailing padding: a line the terminal finds wider than rich does wraps less often.
+            self.live.console.print(Lines([fit_line(line, 10**9)[0] for line in final]))
         if first:
             self.live.update(self, refresh=True)
 

@@ -164,7 +164,8 @@ class ChatSession:
             return Outcome(f"loaded {len(chat.messages)} messages from {value} · {kept} · thinking "
                            f"{'on' if settings.thinking else 'off'}")
         if name == "/stats":
-            return Outcome(stats_text(chat.last, self.totals, self.plan) + "\n" + self._history_line())
+            return Outcome(stats_text(chat.last, self.totals, self.plan, self.context_size(), chat.turns_left_out())
+                           + "\n" + self._history_line())
         if name == "/model":
             model = chat.model
             return Outcome(model_text(model.path, model.metadata, getattr(chat.engine, "n_ctx", None)))
@@ -193,11 +194,27 @@ class ChatSession:
                 return text
         return None
 
+    def context_size(self) -> int | None:
+        """Tokens in the local engine's context (None with a server, which keeps its own)."""
+        size = getattr(self.conversation, "context_size", None)
+        return size() if size is not None else None
+
+    def _make_room(self, text: str) -> None:
+        """Leaves out the oldest turns when the next prompt would not fit the context, and says so."""
+        make_room = getattr(self.conversation, "make_room", None)
+        dropped = make_room(text, self.settings) if make_room is not None else 0
+        if dropped:
+            self.err.print(f"the context is full: the {dropped} oldest turn{'s' if dropped != 1 else ''} left out "
+                           "of the prompt (the system prompt stays); /clear starts afresh", style="dim",
+                           highlight=False, soft_wrap=True)
+
     def turn(self, text: str) -> Result | None:
         """Asks the model; shows the answer as it streams. Ctrl-C stops it, and what was said stays."""
         if self.tools_on and self.tools:
             return self._tool_turn(text)
-        view = TurnView(self.out, self.err, thinking=self.settings.thinking, show_thinking=self.show_thinking)
+        self._make_room(text)
+        view = TurnView(self.out, self.err, thinking=self.settings.thinking, show_thinking=self.show_thinking,
+                        context=self.context_size())
         result, interrupted = None, False
         self.record(asking=text)  # the question is kept even if the chat is killed while it is answered
         try:
@@ -222,13 +239,15 @@ class ChatSession:
         from cascade_local.tools import ToolLoop
 
         chat, settings = self.conversation, self.settings
+        self._make_room(text)
         chat.messages.append({"role": "user", "content": text})
         self.record()
-        history = ([{"role": "system", "content": chat.system}] if chat.system else []) + list(chat.messages)
+        history = ([{"role": "system", "content": chat.system}] if chat.system else []) + chat.messages[chat.start:]
         loop = ToolLoop(chat.engine, list(self.tools or []), thinking=settings.thinking, sampling=settings.sampling,
                         max_tokens=settings.max_tokens, budget=settings.thinking_budget,
                         confirm=self.confirm or ask_to_run(self.err), yes=self.yes)
-        view = TurnView(self.out, self.err, thinking=settings.thinking, show_thinking=self.show_thinking)
+        view = TurnView(self.out, self.err, thinking=settings.thinking, show_thinking=self.show_thinking,
+                        context=self.context_size())
         answer: Answer | None = None
         result, interrupted = None, False
         exchanges: list[dict[str, Any]] = []  # the calls so far, for an interrupted turn

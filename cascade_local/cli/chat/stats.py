@@ -14,11 +14,19 @@ if TYPE_CHECKING:
     from cascade_local.placement import Plan
 
 
-def turn_stats(r: Result) -> str:
+def turn_stats(r: Result, context: int | None = None) -> str:
     stopped = "stopped: " if r.finish_reason == "cancelled" else ""
     line = (f"{stopped}{r.completion_tokens} tokens ({r.reasoning_tokens} thinking), "
             f"{r.generation_tokens_per_second:.1f} tok/s, prompt {r.prompt_tokens} ({r.cached_tokens} reused)")
+    if context:
+        line += f", {context_fill(r, context)}"
     return line + (", cut at the token limit" if r.finish_reason == "length" else "")
+
+
+def context_fill(r: Result, context: int) -> str:
+    """How full the context was at the end of an answer: its prompt and what it generated."""
+    used = r.prompt_tokens + r.completion_tokens
+    return f"context {used * 100 // context}% full ({used}/{context})"
 
 
 
@@ -59,10 +67,16 @@ def process_rss() -> tuple[int, str] | None:
     return peak * (1 if sys.platform == "darwin" else 1024), "peak resident"
 
 
-def stats_text(last: Result | None, totals: Totals, plan: Plan | None) -> str:
+def stats_text(last: Result | None, totals: Totals, plan: Plan | None, context: int | None = None,
+               left_out: int = 0) -> str:
     from cascade_local.placement import fmt_bytes
 
     rows = [f"last answer: {turn_stats(last)}" if last else "last answer: none finished yet"]
+    if context:
+        fill = context_fill(last, context) if last else f"context of {context} tokens"
+        gone = (f"; the {left_out} oldest turn{'s' if left_out != 1 else ''} left out to fit (/clear starts afresh)"
+                if left_out else "")
+        rows.append(f"{fill}{gone}")
     rate = totals.completion_tokens / totals.generation_seconds if totals.generation_seconds else 0.0
     evaluated = totals.prompt_tokens - totals.cached_tokens
     stopped = f" ({totals.stopped} stopped)" if totals.stopped else ""

@@ -21,15 +21,15 @@ class ThinkingBlock:
     KEEP = 6000  # characters of reasoning kept for display (only the last screenful is ever drawn)
 
     def __init__(self, console: Console, show: bool):
-        from rich.live import Live
         from rich.spinner import Spinner
+
+        from cascade_local.cli.chat.live_region import fitted_live
 
         self.console, self.show = console, show
         self.text, self.pieces = "", 0
         self.started: float | None = None
         self._label = Spinner("dots", Text("thinking…", style="dim italic"), style="dim")
-        self.live: Live = Live(self, console=console, refresh_per_second=10, redirect_stdout=False,
-                               redirect_stderr=False)
+        self.live: Live = fitted_live(console, self)
         self.live.start(refresh=True)
 
     def add(self, text: str) -> None:

@@ -27,8 +27,10 @@ class TurnView:
     block in progress and opens one of the other kind.
     """
 
-    def __init__(self, out: Console, err: Console, *, thinking: bool, show_thinking: bool):
+    def __init__(self, out: Console, err: Console, *, thinking: bool, show_thinking: bool,
+                 context: int | None = None):
         self.out, self.err, self.show_thinking = out, err, show_thinking
+        self.context = context  # tokens in the context, for the stats line (None: unknown, a server's)
         self._live_out, self._live_err = is_live(out), is_live(err)
         self.thinking: ThinkingBlock | None = None
         self.answer: MarkdownAnswer | None = None
@@ -141,4 +143,4 @@ class TurnView:
         if interrupted and result is None:  # else the stats line below says "stopped"
             self.err.print("[yellow]stopped[/]")
         if result is not None:
-            self.err.print(turn_stats(result), style="dim", highlight=False, soft_wrap=True)
+            self.err.print(turn_stats(result, self.context), style="dim", highlight=False, soft_wrap=True)
