@@ -41,7 +41,9 @@ def normalise(text: str) -> list[str]:
         for pattern, placeholder in VOLATILE:
             line = pattern.sub(placeholder, line)
         # A centred line (a table caption) moves when its numbers change length.
-        lines.append(line.strip() if line != original else line.rstrip())
+        line = line.strip() if line != original else line.rstrip()
+        # A table's columns, and its rules, widen with its widest value (the headroom grows with free memory).
+        lines.append(re.sub(r"─+", "─", re.sub(r" {2,}", "  ", line)))
     while lines and not lines[-1]:
         lines.pop()
     return lines
