@@ -213,23 +213,33 @@ def rss_kib() -> int:
 
 
 def memory_child(gguf: Path, ctx: int, threads: int) -> None:
+    import re
+
     from cascade_local.engine import Engine, Request
+    from cascade_local.llama_log import RECENT, quiet_llama
     from cascade_local.llama_model import LoadedModel
 
+    quiet_llama()
     model = LoadedModel(gguf)
     before = rss_kib()
+    RECENT.clear()
     with Engine(model, n_ctx=ctx, threads=threads, owns_model=True) as engine:
-        # One full micro-batch touches the compute buffer; llama.cpp clears (touches) KV and state at creation.
+        # What llama.cpp allocated, from its log: KV cache, Mamba state, compute and output buffers.
+        sizes = [float(m.group(1)) for line in RECENT if (m := re.search(
+            r"(?:llama_kv_cache: size|llama_memory_recurrent: size|compute buffer size|output buffer size) "
+            r"= +([\d.]+) MiB", line))]
+        # One full micro-batch touches the compute buffer. Pages of the KV cache and of the attention mask beyond
+        # the cells in use are never touched, so RSS stays below the allocation until the context fills.
         engine.generate(Request(ids(min(512, ctx - 8)), max_tokens=1))
-        print(json.dumps({"rss_added": (rss_kib() - before) * 1024}))
+        print(json.dumps({"rss_added": (rss_kib() - before) * 1024, "allocated": sum(sizes) * 2**20}))
 
 
 def memory_rows(gguf: Path, contexts: list[int], threads: int) -> list[str]:
     from cascade_local.gguf_info import read_gguf
     from cascade_local.placement import fmt_bytes, plan_placement
 
-    rows = ["| context | planner: KV + state + compute + output | measured RSS added | measured / planned |",
-            "|---:|---:|---:|---:|"]
+    rows = ["| context | planner: KV + state + compute + output | llama.cpp allocated (its log) | allocated / "
+            "planned | RSS added after 512 tokens | RSS / planned |", "|---:|---:|---:|---:|---:|---:|"]
     gguf_file = read_gguf(gguf)
     for ctx in contexts:
         m = plan_placement(gguf_file, ctx=ctx, gpu_bytes=0, gpu_available=False, n_batch=512, n_outputs_max=1).memory
@@ -239,8 +249,10 @@ def memory_rows(gguf: Path, contexts: list[int], threads: int) -> list[str]:
         if done.returncode != 0:
             rows.append(f"| {ctx} | {fmt_bytes(planned)} | failed: {done.stderr.strip()[-200:]} | |")
             continue
-        added = json.loads(done.stdout.strip().splitlines()[-1])["rss_added"]
-        rows.append(f"| {ctx} | {fmt_bytes(planned)} | {fmt_bytes(added)} | {added / planned:.3f} |")
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        added, allocated = got["rss_added"], got["allocated"]
+        rows.append(f"| {ctx} | {fmt_bytes(planned)} | {fmt_bytes(allocated)} | {allocated / planned:.3f} | "
+                    f"{fmt_bytes(added)} | {added / planned:.3f} |")
     return rows
 
 
@@ -258,32 +270,39 @@ def main() -> None:
     parser.add_argument("--kl-tokens", type=int, default=3072, help="prompt length for the KV-type KL rows")
     parser.add_argument("--kl-window", type=int, default=256, help="last positions whose distributions are compared")
     parser.add_argument("--only-kl", action="store_true", help="measure only the KV-type KL rows")
+    parser.add_argument("--only-memory", action="store_true", help="measure only the context memory rows")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.gguf, args.memory_child, args.threads)
         return
     sys.path.insert(0, str(ROOT))
-    kl = ["", f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
-          *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)]
+
+    def section(lines: list[str]) -> None:  # each as it is measured: a long run shows its results as it goes
+        print("\n".join(lines) + "\n", flush=True)
+
     if args.only_kl:
-        print("\n".join(kl))
+        section([f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
+                 *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)])
         return
     import datetime as dt
 
     sys.path.insert(0, str(ROOT / "bench"))
     from convert_bench import cpu_model
 
-    out = [f"# long-context bench: {args.gguf.name}, {args.threads} threads; {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} "
-           f"UTC, {os.cpu_count()} CPUs ({cpu_model()}), 1-minute load average {os.getloadavg()[0]:.1f} at the start",
-           "",
-           "## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
-                                             args.repeats),
-           "", f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
-           *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads, args.check),
-           "", "## context memory", *memory_rows(args.gguf, [int(c) for c in args.mem_ctx.split(",")], args.threads),
-           *kl]
-    print("\n".join(out))
+    when = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    section([f"# long-context bench: {args.gguf.name}, {args.threads} threads; {when}, {os.cpu_count()} CPUs "
+             f"({cpu_model()}), 1-minute load average {os.getloadavg()[0]:.1f} at the start"])
+    section(["## context memory", *memory_rows(args.gguf, [int(c) for c in args.mem_ctx.split(",")], args.threads)])
+    if args.only_memory:
+        return
+    section([f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
+             *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads, args.check)])
+    section(["## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
+                                              args.repeats)])
+    section([f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
+             *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)])
+    section([f"(1-minute load average {os.getloadavg()[0]:.1f} at the end)"])
 
 
 if __name__ == "__main__":
