@@ -158,8 +158,16 @@ def test_a_busy_server_is_named_busy_not_waited_for(tiny_gguf, rpc_device, rpc_e
 
 
 def test_server_stops_on_ctrl_c_and_refuses_a_taken_port():
+    import select
+
     port = free_port()
     proc = start_server(port)
+    assert proc.stderr is not None
+    said = ""
+    deadline = time.monotonic() + 30
+    while "serving on" not in said and time.monotonic() < deadline:  # announced once it answers, not before
+        if select.select([proc.stderr], [], [], 1)[0]:
+            said += proc.stderr.readline()
     try:
         taken = run_cli("rpc-server", "--port", str(port), timeout=60)
         assert taken.returncode == 2 and taken.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
@@ -167,6 +175,7 @@ def test_server_stops_on_ctrl_c_and_refuses_a_taken_port():
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
+    err = said + err
     assert proc.returncode == 0, err
     assert f"serving on 127.0.0.1:{port}" in err and "rpc-server: stopped" in err and "Traceback" not in err
 

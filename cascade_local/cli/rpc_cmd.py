@@ -36,7 +36,7 @@ def rpc_server(
     """
     from cascade_local.errors import UsageError
     from cascade_local.ggml import default_threads
-    from cascade_local.rpc import RpcError, _require, is_loopback, serve
+    from cascade_local.rpc import RpcError, _require, hello, is_loopback, serve
 
     if not is_loopback(host):
         if not unauthenticated:
@@ -63,9 +63,15 @@ def rpc_server(
         # ggml's server loop never returns; in a daemon thread it leaves the main thread free to take Ctrl-C.
         server = threading.Thread(target=run, name="rpc-server", daemon=True)
         server.start()
-        server.join(0.5)
-        if not failed and not stop.is_set():
+        # Announced once the server answers the protocol's HELLO: a client that reads the line can connect.
+        while server.is_alive() and not stop.is_set():
+            try:
+                hello(f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", timeout=1)
+            except RpcError:
+                stop.wait(0.05)
+                continue
             err_console.print(f"rpc-server: serving on {host}:{port}; Ctrl-C stops it", highlight=False)
+            break
         while server.is_alive() and not stop.wait(0.2):
             pass
     finally:
