@@ -147,11 +147,9 @@ def _answer_all(input: Path, output: Path, model: str | None, endpoint: str | No
                 local, _ = open_engine(model, ctx=load.ctx, parallel=parallel, threads=load.threads,
                                        kv_type=load.kv_type, placement=load.placement)
             engine = owned.enter_context(local)  # freed (context, then model) before the output is closed
-            if load.cache_bytes:
-                from cascade_local.prompt_store import PromptStore, default_folder, model_identity
+            from cascade_local.prompt_store import open_store
 
-                disk = PromptStore(default_folder(), model_identity(local.model.path, load.kv_type),
-                                   budget=load.cache_bytes)
+            disk = open_store(local.model.path, load.kv_type, load.cache_bytes)
         with _Progress() as progress:
             return run_batch(job, engine, settings, observer=progress, disk=disk, min_tokens=load.cache_min_tokens)
 

@@ -78,11 +78,9 @@ def serve(
                                     placement=PlacementOptions(gpu_mem, cpu_moe, n_cpu_moe, tuple(override_tensor),
                                                                (rpc,) if rpc else ()))
         path = Path(engine.model.path)
-        store = None
-        if disk_bytes:
-            from cascade_local.prompt_store import PromptStore, default_folder, model_identity
+        from cascade_local.prompt_store import open_store
 
-            store = PromptStore(default_folder(), model_identity(path, kv_type), budget=disk_bytes)
+        store = open_store(path, kv_type, disk_bytes)
         served = name or (model if model and model in registry.models else path.stem)
         opts = ServeOptions(served, (path.name, path.stem), api_key, reasoning_format,  # type: ignore[arg-type]
                             queue_limit=queue, cache_bytes=cache_bytes, prompt_store=store,
