@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from cascade_local.chat_template import Message
@@ -137,8 +137,11 @@ class Conversation(History):
             self.start = later[0] if later else len(self.messages)  # whole turns: a question and its answer
             dropped += 1
 
-    def reply(self, user_text: str, settings: TurnSettings) -> Iterator[Event]:
-        """Streams reasoning and answer; the reply joins the history once complete (or interrupted)."""
+    def reply(self, user_text: str, settings: TurnSettings,
+              progress: Callable[[int, int], None] | None = None) -> Iterator[Event]:
+        """Streams reasoning and answer; the reply joins the history once complete (or interrupted).
+
+        `progress(done, total)` is told the prompt tokens read after each batch of them."""
         text, has_document = self._message(user_text)
         self.make_room(text, settings)
         self.messages.append({"role": "user", "content": text})
@@ -146,7 +149,8 @@ class Conversation(History):
         # The history without the generation prompt is what the next turn's prompt will start with.
         stable = len(self.model.encode_prompt(self.render_history()))
         request = Request(tokens, settings.sampling, settings.max_tokens, in_reasoning=settings.thinking,
-                          thinking_budget=settings.thinking_budget, cache=self._cache, cache_prefix=stable)
+                          thinking_budget=settings.thinking_budget, cache=self._cache, cache_prefix=stable,
+                          on_progress=progress)
         if self.disk is not None:
             request = self._with_disk(request, settings.thinking, user_text.rstrip() if has_document else None)
         yield from self._recorded(self.engine.stream(request))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,9 @@ class RemoteConversation(History):
         self.model = ServedModel(Path(label), {"general.architecture": "served over HTTP",
                                                "general.name": engine.model or label})
 
-    def reply(self, user_text: str, settings: TurnSettings) -> Iterator[Event]:
+    def reply(self, user_text: str, settings: TurnSettings,
+              progress: Callable[[int, int], None] | None = None) -> Iterator[Event]:
+        """As Conversation.reply; a server reads the prompt on its side, so `progress` is never told."""
         if settings.thinking_budget is not None:
             raise UsageError("a thinking budget needs the local engine (/budget off to continue)")
         self._ask(user_text)

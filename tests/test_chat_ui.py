@@ -583,3 +583,50 @@ def test_the_thought_summary_gives_the_engines_count(tiny_gguf):
     assert result is not None and result.content == "Paris" and result.reasoning_tokens == len(thought) + 1
     counts = re.findall(r"thought for (\d+) tokens", screen.decode("utf-8", "replace"))
     assert counts == [str(result.reasoning_tokens)]
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_a_long_document_shows_its_reading_progress_in_the_live_block(tiny_gguf, thinking):
+    """A /read document is read by the real engine; the live block (the thinking one, or the answer's spinner)
+    says how far, and the numbers are the engine's batches of 512 tokens."""
+    import os
+    import pty
+
+    from cascade_local.cli.chat import TurnView
+    from cascade_local.engine import Engine
+    from cascade_local.llama_model import LoadedModel
+
+    master, slave = pty.openpty()
+    try:
+        with Engine(LoadedModel(tiny_gguf("q8_0")), n_ctx=4096, threads=2, owns_model=True) as engine, \
+                open(slave, "w", encoding="utf-8", closefd=True) as tty:
+            terminal = Console(file=tty, force_terminal=True, width=120)
+            chat = Conversation(engine)
+            chat.attach("word " * 600)  # about 3,000 tokens
+            view = TurnView(terminal, terminal, thinking=thinking, show_thinking=False)
+            seen: list[tuple[int, int]] = []
+
+            def progress(done: int, total: int) -> None:
+                seen.append((done, total))
+                view.reading(done, total)
+
+            settings = TurnSettings(thinking=thinking, max_tokens=2, sampling=SamplingParams(temperature=0))
+            for event in chat.reply("How many words?", settings, progress=progress):
+                view.feed(event)
+            view.close(chat.last, False)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's other end is closed and everything was read
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(master)
+    text = screen.decode("utf-8", "replace")
+    total = seen[-1][1]
+    assert total > 2048 and seen[0] == (512, total) and seen[-1] == (total, total)
+    assert f"reading the prompt: 512/{total:,} tokens" in text
+    assert re.search(rf"reading the prompt: 1,024/{total:,} tokens, [\d,]+ tokens/s, \d+ s left", text)

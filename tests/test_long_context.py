@@ -191,6 +191,6 @@ def test_run_shows_reading_progress_on_a_terminal(tiny_gguf, tmp_path):
     os.close(master)
     assert child.returncode == 0 and json.loads(out)["usage"]["completion_tokens"] == 2
     text = err.decode(errors="replace")
-    assert re.search(r"reading the prompt: 512/\d{4} tokens\r", text)
-    assert re.search(r"reading the prompt: 1536/\d{4} tokens, \d+ tokens/s, \d+ s left", text)
+    assert re.search(r"reading the prompt: 512/\d,\d{3} tokens\r", text)
+    assert re.search(r"reading the prompt: 1,536/\d,\d{3} tokens, [\d,]+ tokens/s, \d+ s left", text)
     assert text.rstrip("\r\n").endswith("\r\x1b[K")  # erased once read: the answer's line stays clean

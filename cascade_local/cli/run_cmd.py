@@ -122,26 +122,18 @@ def run(
         _require_answer(result)
 
 
-LONG_PROMPT = 2048  # tokens: a prompt this long shows its reading progress
-
-
 def _reading_progress() -> Callable[[int, int], None] | None:
     """One updating stderr line while a long prompt is read (tokens, tokens/s, time left); terminals only."""
     if not err_console.is_terminal:
         return None
-    import time
+    from cascade_local.reading import LONG_PROMPT, ReadingRate
 
-    first: list[float] = []  # tokens and time of the first report: restored tokens are not counted as read
+    rate = ReadingRate()
 
     def show(done: int, total: int) -> None:
         if total < LONG_PROMPT:
             return
-        if not first:
-            first.extend((done, time.perf_counter()))
-        line = f"reading the prompt: {done}/{total} tokens"
-        read, seconds = done - first[0], time.perf_counter() - first[1]
-        if read > 0 and seconds > 0:
-            line += f", {read / seconds:.0f} tokens/s, {(total - done) * seconds / read:.0f} s left"
+        line = rate.line(done, total)
         sys.stderr.write("\r\x1b[K" + (line if done < total else ""))  # the line goes when reading is done
         sys.stderr.flush()
 

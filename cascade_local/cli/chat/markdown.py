@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
+from rich.spinner import Spinner
+from rich.text import Text
 
 if TYPE_CHECKING:
     from rich.live import Live
@@ -141,8 +143,6 @@ class MarkdownAnswer:
     """The answer on a terminal: final lines printed above a live region that shows the rest (see MarkdownStream)."""
 
     def __init__(self, console: Console):
-        from rich.spinner import Spinner
-
         from cascade_local.cli.chat.live_region import fitted_live
 
         self.stream = MarkdownStream(console)
@@ -150,6 +150,11 @@ class MarkdownAnswer:
         self.version = 0  # changes with the text: the live region redraws only then (or on a resize)
         self.live: Live = fitted_live(console, Spinner("dots", style="dim"))
         self.live.start(refresh=True)
+
+    def reading(self, line: str | None) -> None:
+        """Before the answer's first text: how far the prompt has been read, beside the spinner (None: done)."""
+        if not self.stream.blocks.text:
+            self.live.update(Spinner("dots", Text(line or "", style="dim"), style="dim"), refresh=True)
 
     def add(self, text: str) -> None:
         first = not self.stream.blocks.text

@@ -218,7 +218,7 @@ class ChatSession:
         result, interrupted = None, False
         self.record(asking=text)  # the question is kept even if the chat is killed while it is answered
         try:
-            events = self.conversation.reply(text, self.settings)
+            events = self.conversation.reply(text, self.settings, progress=view.reading)
             # Closed at once (and no longer interruptible), so the partial answer joins the history before we go on.
             with closing(events), self.interrupts.armed():
                 for event in events:

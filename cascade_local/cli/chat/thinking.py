@@ -32,6 +32,11 @@ class ThinkingBlock:
         self.live: Live = fitted_live(console, self)
         self.live.start(refresh=True)
 
+    def reading(self, line: str | None) -> None:
+        """Shows how far the prompt has been read in place of 'thinking…' (None: reading is over)."""
+        self._label.update(text=Text(line or "thinking…", style="dim italic"))
+        self.live.refresh()
+
     def add(self, text: str) -> None:
         self.started = self.started or time.perf_counter()
         self.pieces += 1

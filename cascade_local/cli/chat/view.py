@@ -12,6 +12,7 @@ from rich.text import Text
 from cascade_local.cli.chat.markdown import MarkdownAnswer, is_live, terminal_safe
 from cascade_local.cli.chat.stats import turn_stats
 from cascade_local.cli.chat.thinking import ThinkingBlock
+from cascade_local.reading import LONG_PROMPT, ReadingRate
 
 if TYPE_CHECKING:
 
@@ -38,6 +39,7 @@ class TurnView:
         self._thought_blocks = 0
         self._thinking_mode = thinking
         self._plain_text = False  # answer text written to a plain stdout since the last tool call
+        self._reading = ReadingRate()
         if thinking:
             self._to_reasoning()
         else:
@@ -104,6 +106,15 @@ class TurnView:
                            soft_wrap=True)
         if self._thinking_mode:  # the model goes on thinking
             self._to_reasoning()
+
+    def reading(self, done: int, total: int) -> None:
+        """The engine's progress through a long prompt (a document from /read), shown in the live block."""
+        if total < LONG_PROMPT:
+            return
+        line = self._reading.line(done, total) if done < total else None
+        block = self.thinking or self.answer
+        if block is not None:
+            block.reading(line)
 
     def feed(self, event: Event | LoopEvent) -> None:
         call = getattr(event, "call", None)  # a ToolLoop event's call record
