@@ -25,6 +25,8 @@ import numpy as np
 from cascade_local.errors import ConversionError
 from cascade_local.output_lock import temp_file
 
+from .writeback import Writeback
+
 
 def tensor_nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType) -> int:
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
@@ -64,6 +66,7 @@ class GGUFStreamWriter:
         self._current = 0
         self._written_in_current = 0
         self.bytes_written = 0
+        self._writeback = Writeback()
 
     @property
     def alignment(self) -> int:
@@ -133,6 +136,9 @@ class GGUFStreamWriter:
             raise ConversionError(f"internal error: {slot.name} received more than its {slot.nbytes} bytes")
 
     def _advance(self, n_bytes: int) -> None:
+        fh = self._file()
+        fh.flush()  # at most one piece (tens of MB) waits in the buffer; the kernel sees it at once
+        self._writeback.written(fh.fileno(), fh.tell())
         slot = self.slots[self._current]
         self._written_in_current += n_bytes
         self.bytes_written += n_bytes

@@ -23,7 +23,8 @@ _POLL_S = 0.05
 class ReadAhead:
     """Asks for each range in `ranges` (in order) to be read, at most `window` bytes ahead of `consumed()`.
 
-    `read(i)` starts reading range i (it must not block for long); range i's bytes are `sizes[i]`.
+    `read(i)` reads range i ahead of the encoder (it may wait for the disk: it runs on this class's own
+    thread); range i's bytes are `sizes[i]`.
     """
 
     def __init__(self, read: Callable[[int], None], sizes: Sequence[int], window: int):

@@ -4,6 +4,8 @@ same bytes, bounded memory, errors raised once in the caller, no thread left run
 from __future__ import annotations
 
 import errno
+import itertools
+import re
 import subprocess
 import sys
 import threading
@@ -258,3 +260,66 @@ def test_many_encoder_threads_give_the_bytes_of_one(tiny_dir, tmp_path, type_nam
         convert(tiny_dir, many, uniform_recipe(type_name), threads=8)
         assert many.read_bytes() == expected
         many.unlink()
+
+
+# -- the kernel advice: early writeback and mapped read-ahead -------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range and MADV_POPULATE_READ are Linux's")
+def test_writeback_starts_each_window_once_with_a_call_the_kernel_accepts(tmp_path):
+    """Every window of the growing file is handed to sync_file_range exactly once, in order, and the real call
+    succeeds (a wrong ctypes binding would fail with EINVAL or write nothing)."""
+    import ctypes
+
+    from cascade_local.convert.writeback import Writeback
+
+    window = 1 << 20
+    writeback = Writeback(window)
+    real = writeback._sync
+    assert real is not None
+    calls: list[tuple[int, int, int]] = []
+
+    def spy(fd: int, offset: int, length: int, flags: int) -> int:
+        rc = real(fd, offset, length, flags)
+        calls.append((offset, length, rc if rc == 0 else -ctypes.get_errno()))
+        return rc
+
+    writeback._sync = spy
+    with open(tmp_path / "out.bin", "wb") as fh:
+        for _ in range(10):
+            fh.write(b"\1" * (window // 2 + 1000))
+            fh.flush()
+            writeback.written(fh.fileno(), fh.tell())
+        end = fh.tell()
+    assert all(rc == 0 for _, _, rc in calls)
+    covered = [(offset, offset + length) for offset, length, _ in calls]
+    assert covered[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(covered))
+    assert all(e - s >= window for s, e in covered) and end - covered[-1][1] < window
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_READ is Linux's")
+def test_populate_maps_the_block_into_the_process_before_the_encoder_touches_it(tmp_path):
+    """After the read-ahead thread's populate, the block's pages are in this process's mapping (its Rss in
+    /proc/self/smaps), where a plain map of the same file has none until they are touched."""
+    import mmap
+
+    from cascade_local.convert.safetensors_file import _populate
+
+    size = 16 << 20
+    path = tmp_path / "shard.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes())
+
+    def mapped_kib(populate: bool) -> int:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            if populate:
+                _populate(mapped, 4 << 20, 8 << 20)
+            view = np.frombuffer(mapped, dtype=np.uint8)
+            start = view.ctypes.data
+            del view
+            lines = Path("/proc/self/smaps").read_text().splitlines()
+            at = next(i for i, line in enumerate(lines)
+                      if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line) and int(line.split("-", 1)[0], 16) == start)
+            return next(int(line.split()[1]) for line in lines[at + 1 :] if line.startswith("Rss:"))
+
+    assert mapped_kib(populate=False) == 0
+    assert (8 << 10) <= mapped_kib(populate=True) <= (8 << 10) + 4096  # the range, give or take a large folio
