@@ -2,8 +2,9 @@
 
 * **pp512 at depth** (as llama-bench's `-d`): 512 prompt tokens evaluated after DEPTH tokens already in the
   sequence, by cascade-local's engine and by a minimal raw loop on llama-cpp-python's low-level API (same model,
-  context size, batch and threads), and their ratio. Both read one sequence up to the deepest depth once, timing
-  the --repeats chunks of 512 that follow each depth (their median), alternating between the two.
+  context size, batch and threads), and their ratio. The engine reads one sequence up to the deepest depth once
+  and hands its state to the raw loop's context at each depth (untimed); then the --repeats chunks of 512 that
+  follow the depth are timed in both (their median), alternating between the two.
 * **read once, ask many**: a document of --doc-tokens tokens, then --questions questions, each a fresh
   `cascade-local run -f doc.txt QUESTION` process sharing one prompt-state folder. Time to first token is the
   run's own prompt_seconds (`--json`); the first question evaluates the document, the others restore it. The
@@ -72,17 +73,28 @@ class RawLoop:
             b.n_tokens = len(chunk)
             assert self._lib.llama_decode(self.ctx, b) == 0
 
+    def take_state(self, state: bytes) -> None:
+        """Sequence 0 becomes exactly the state given (another context's, read up to the same depth)."""
+        import ctypes
+
+        self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), 0, -1, -1)
+        src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+        assert self._lib.llama_state_seq_set_data(self.ctx, src, len(state), 0) == len(state)
+
     def close(self) -> None:
         self._lib.llama_batch_free(self.batch)
         self._lib.llama_free(self.ctx)
 
 
-def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[tuple[float, float]]:
+def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int,
+                 share_fill: bool = True) -> list[tuple[float, float]]:
     """(engine, raw loop) median seconds for 512 prompt tokens at each depth, both in one pass.
 
     Each reads one sequence up to the deepest depth once (a fresh context per depth would read 128k tokens again
     for every sample: hours on a desktop CPU); at each depth the next `repeats` chunks are timed, alternating
-    between the two, so that a change in the machine's load hits both alike.
+    between the two, so that a change in the machine's load hits both alike. With `share_fill`, only the engine
+    reads the untimed tokens up to each depth, and the raw loop's context is given the engine's sequence state
+    there (llama_state_seq_set_data): the same state, read once instead of twice.
     """
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
@@ -96,7 +108,10 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int) -> l
         with Engine(model, n_ctx=n_ctx, threads=threads) as engine:
             for depth in depths:
                 engine._evaluate(0, tokens, done, depth, logits_at_end=False)
-                raw.evaluate(tokens, done, depth)
+                if share_fill and depth > done:  # the raw loop starts from the engine's state, not reading again
+                    raw.take_state(engine._snapshot(0))
+                else:
+                    raw.evaluate(tokens, done, depth)
                 times: tuple[list[float], list[float]] = ([], [])
                 for start in range(depth, depth + repeats * CHUNK, CHUNK):
                     started = time.perf_counter()
@@ -273,6 +288,7 @@ def main() -> None:
     parser.add_argument("--kl-window", type=int, default=256, help="last positions whose distributions are compared")
     parser.add_argument("--only-kl", action="store_true", help="measure only the KV-type KL rows")
     parser.add_argument("--only-memory", action="store_true", help="measure only the context memory rows")
+    parser.add_argument("--only-depth", action="store_true", help="measure only pp512 at depth")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -295,6 +311,11 @@ def main() -> None:
     when = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
     section([f"# long-context bench: {args.gguf.name}, {args.threads} threads; {when}, {os.cpu_count()} CPUs "
              f"({cpu_model()}), 1-minute load average {os.getloadavg()[0]:.1f} at the start"])
+    if args.only_depth:
+        section(["## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
+                                                  args.repeats)])
+        section([f"(1-minute load average {os.getloadavg()[0]:.1f} at the end)"])
+        return
     section(["## context memory", *memory_rows(args.gguf, [int(c) for c in args.mem_ctx.split(",")], args.threads)])
     if args.only_memory:
         return
