@@ -367,7 +367,7 @@ class ScriptedConversation:
         self.engine = SimpleNamespace(n_ctx=4096)
         self.asked: list[tuple[str, bool]] = []
 
-    def reply(self, text, settings):
+    def reply(self, text, settings, progress=None):
         self.asked.append((text, settings.thinking))
         self.messages.append({"role": "user", "content": text})
         self.last = None
@@ -497,7 +497,7 @@ def test_a_failed_turn_leaves_no_trace_and_the_chat_goes_on(capsys):
 
 def test_ctrl_c_during_an_answer_keeps_the_conversation(capsys):
     class Interrupting(ScriptedConversation):
-        def reply(self, text, settings):
+        def reply(self, text, settings, progress=None):
             self.messages.append({"role": "user", "content": text})
             try:
                 yield Event(None, "content", "Half an ans")
