@@ -10,19 +10,18 @@ so a truncated or corrupt shard fails with a message instead of a crash or a gar
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import math
 import mmap
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cascade_local.errors import CheckpointError
+
+from .linux_calls import linux_libc_function
 
 # safetensors dtype -> (numpy storage dtype, bytes per element). BF16 is stored as uint16 bit patterns.
 DTYPES: dict[str, np.dtype] = {
@@ -204,19 +203,6 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
 _MADV_POPULATE_READ = 22  # <linux/mman.h>, Linux 5.14+: map the range's pages in, reading them where needed
 
 
-@functools.cache
-def _madvise() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def _populate(mapped: mmap.mmap, offset: int, length: int) -> None:
     """Reads `length` bytes at `offset` of the map into memory and maps them, on the calling thread.
 
@@ -224,7 +210,7 @@ def _populate(mapped: mmap.mmap, offset: int, length: int) -> None:
     the encoder then finds every page of its block mapped, where it would otherwise stop at page faults, some
     waiting for the disk. A kernel without MADV_POPULATE_READ refuses it (EINVAL), and the encoder faults as before.
     """
-    madvise = _madvise()
+    madvise = linux_libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     if madvise is None or length <= 0:
         return
     base = np.frombuffer(mapped, dtype=np.uint8).ctypes.data

@@ -14,23 +14,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
-from typing import Any
+
+from .linux_calls import linux_libc_function
 
 WINDOW = 64 << 20
 SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, without waiting
-
-
-def _sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
 
 
 class Writeback:
@@ -40,7 +28,8 @@ class Writeback:
         self.window = window
         self._started = 0  # writeback asked for everything before this offset
         self._dropped = 0  # and the page cache let go of everything before this one
-        self._sync = _sync_file_range()
+        self._sync = linux_libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_uint)
 
     def written(self, fd: int, end: int) -> None:
         if end - self._started < self.window:

@@ -536,6 +536,21 @@ def test_load_keeps_the_command_line_settings_unless_asked(tmp_path):
     assert "with its settings" in err.getvalue() and "no system prompt" in err.getvalue()
 
 
+def read_terminal(master: int) -> bytes:
+    """Everything written to a pseudo-terminal whose other end has been closed."""
+    import os
+
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's other end is closed and everything was read
+            return screen
+        if not chunk:
+            return screen
+        screen += chunk
+
+
 def test_the_thought_summary_gives_the_engines_count(tiny_gguf):
     """One source for token counts: "thought for N tokens" on a terminal is the Result's reasoning_tokens.
 
@@ -569,15 +584,7 @@ def test_the_thought_summary_gives_the_engines_count(tiny_gguf):
                 else:
                     view.feed(event)
             view.close(result, False)
-        screen = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the terminal's other end is closed and everything was read
-                break
-            if not chunk:
-                break
-            screen += chunk
+        screen = read_terminal(master)
     finally:
         os.close(master)
     assert result is not None and result.content == "Paris" and result.reasoning_tokens == len(thought) + 1
@@ -614,15 +621,7 @@ def test_a_long_document_shows_its_reading_progress_in_the_live_block(tiny_gguf,
             for event in chat.reply("How many words?", settings, progress=progress):
                 view.feed(event)
             view.close(chat.last, False)
-        screen = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the terminal's other end is closed and everything was read
-                break
-            if not chunk:
-                break
-            screen += chunk
+        screen = read_terminal(master)
     finally:
         os.close(master)
     text = screen.decode("utf-8", "replace")
