@@ -48,6 +48,12 @@ def default_threads() -> int:
     return available_cpus()
 
 
+def row_spans(n_rows: int, parts: int) -> list[tuple[int, int]]:
+    """[first, end) ranges that split n_rows rows into at most `parts` shares of nearly equal size, none empty."""
+    bounds = np.linspace(0, n_rows, max(1, min(parts, n_rows)) + 1).astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
 def quantize_into(
     values: np.ndarray,
     qtype: gguf.GGMLQuantizationType,
@@ -95,35 +101,18 @@ def quantize_rows(
     n_per_row = src.shape[-1]
     nrows = src.size // n_per_row if n_per_row else 0
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    if n_per_row % block_size:
-        raise ValueError(f"row width {n_per_row} is not a multiple of {qtype.name}'s block size {block_size}")
     row_bytes = n_per_row // block_size * type_size
     dst = np.empty(nrows * row_bytes, dtype=np.uint8)
-    if nrows == 0:
-        return dst
-    lib = _lib()
-    imat = None
-    if imatrix is not None:
-        imat = np.ascontiguousarray(imatrix, dtype=np.float32)
-        if imat.shape != (n_per_row,):
-            raise ValueError(f"importance matrix has shape {imat.shape}, expected ({n_per_row},)")
-    elif lib.ggml_quantize_requires_imatrix(int(qtype)):
-        raise ValueError(f"{qtype.name} needs an importance matrix")
-    imat_ptr = imat.ctypes.data if imat is not None else None
+    rows = src.reshape(nrows, n_per_row)
+    imat = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
 
-    def run(first: int, count: int) -> int:
-        return lib.ggml_quantize_chunk(
-            int(qtype), src.ctypes.data, dst.ctypes.data, first * n_per_row, count, n_per_row, imat_ptr
-        )
+    def run(first: int, end: int) -> None:  # quantize_into checks the arguments and the bytes written
+        quantize_into(rows[first:end], qtype, dst[first * row_bytes : end * row_bytes], imat)
 
-    n_threads = max(1, min(threads or default_threads(), nrows))
-    bounds = np.linspace(0, nrows, n_threads + 1).astype(int)
-    spans = [(int(a), int(b - a)) for a, b in itertools.pairwise(bounds) if b > a]
-    if len(spans) == 1:
-        written = run(*spans[0])
+    spans = row_spans(nrows, threads or default_threads())
+    if len(spans) <= 1:
+        run(0, nrows)
     else:
         with ThreadPoolExecutor(len(spans)) as pool:
-            written = sum(pool.map(lambda span: run(*span), spans))
-    if written != dst.nbytes:
-        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {dst.nbytes}")
+            list(pool.map(lambda span: run(*span), spans))
     return dst

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
 import gguf
 import numpy as np
 
-from cascade_local.ggml import default_threads, quantize_into, quantize_rows
+from cascade_local.ggml import default_threads, quantize_into, quantize_rows, row_spans
 
 from .safetensors_file import f32_to_bf16, to_f32
 
@@ -101,8 +100,7 @@ class BlockEncoder:
                 widen_into(rows[a:b], src_dtype, values)
                 quantize_into(values, qtype, out[a * row_bytes : b * row_bytes], imat)
 
-        bounds = np.linspace(0, n_rows, min(self.threads, max(1, n_rows)) + 1).astype(int)
-        spans = [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+        spans = row_spans(n_rows, self.threads)
         if self._pool is None or len(spans) == 1:
             for a, b in spans:
                 share(a, b)
