@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from cascade_local.chat_template import Message
 from cascade_local.engine import Engine, Event, PromptCache, Request, Result
-from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore
+from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore, question_start
 from cascade_local.sampling import SamplingParams
 
 
@@ -187,9 +187,7 @@ class Conversation(History):
         system = [{"role": "system", "content": self.system}] if self.system else []
         alt = self.model.encode_prompt(self.model.template.render(system + other, add_generation_prompt=True,
                                                                   enable_thinking=thinking))
-        shared = next((i for i, (a, b) in enumerate(zip(tokens, alt, strict=False)) if a != b),
-                      min(len(tokens), len(alt)))
-        return min(shared, len(tokens) - 1)
+        return question_start(tokens, alt)
 
     def clear(self) -> None:
         super().clear()

@@ -23,7 +23,7 @@ from cascade_local.chat_template import ChatTemplate, Message
 from cascade_local.engine import Engine, Event, PromptCache, Request, Result
 from cascade_local.errors import UsageError
 from cascade_local.llama_model import LoadedModel
-from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore
+from cascade_local.prompt_store import DEFAULT_MIN_TOKENS, PromptStore, question_start
 from cascade_local.sampling import SamplingParams
 
 OPEN_THINK, CLOSE_THINK = "<think>", "</think>"
@@ -189,9 +189,7 @@ def reusable_prefix(model: LoadedModel, job: OneShot, question: str | None) -> i
     if not q or not job.prompt.endswith(q) or len(job.prompt) == len(q):
         return len(tokens) - 1
     other = prompt_tokens(model, dataclasses.replace(job, prompt=job.prompt[: -len(q)] + "?"))
-    shared = next((i for i, (a, b) in enumerate(zip(tokens, other, strict=False)) if a != b),
-                  min(len(tokens), len(other)))
-    return min(shared, len(tokens) - 1)
+    return question_start(tokens, other)
 
 
 def _with_disk_cache(engine: Engine, job: OneShot, request: Request, disk: PromptStore, question: str | None,

@@ -228,6 +228,15 @@ def clear(folder: Path) -> tuple[int, int]:
     return count, size
 
 
+def question_start(tokens: list[int], other: list[int]) -> int:
+    """How many leading tokens `tokens` shares with `other`, the same prompt asking something else: where the
+    question begins (a token its first characters merge into is left out). At least the last token is left to
+    evaluate, for the logits to sample from."""
+    shared = next((i for i, (a, b) in enumerate(zip(tokens, other, strict=False)) if a != b),
+                  min(len(tokens), len(other)))
+    return min(shared, len(tokens) - 1)
+
+
 def open_store(model: Path, kv_type: str, budget: int) -> PromptStore | None:
     """The disk cache of prompt states for this model file and KV type, or None when the budget is 0 (off)."""
     return PromptStore(default_folder(), model_identity(model, kv_type), budget=budget) if budget else None
