@@ -90,11 +90,11 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int,
                  share_fill: bool = True) -> list[tuple[float, float]]:
     """(engine, raw loop) median seconds for 512 prompt tokens at each depth, both in one pass.
 
-    Each reads one sequence up to the deepest depth once (a fresh context per depth would read 128k tokens again
-    for every sample: hours on a desktop CPU); at each depth the next `repeats` chunks are timed, alternating
-    between the two, so that a change in the machine's load hits both alike. With `share_fill`, only the engine
-    reads the untimed tokens up to each depth, and the raw loop's context is given the engine's sequence state
-    there (llama_state_seq_set_data): the same state, read once instead of twice.
+    One sequence is read up to the deepest depth once (a fresh context per depth would read 128k tokens again
+    for every sample: hours on a desktop CPU); at each depth the next `repeats` chunks are timed in both,
+    alternating, so that a change in the machine's load hits both alike. With `share_fill` only the engine reads
+    the untimed tokens up to each depth, and the raw loop's context is given the engine's sequence state there
+    (llama_state_seq_set_data): the same state, read once instead of twice; without it both read them.
     """
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
@@ -311,20 +311,18 @@ def main() -> None:
     when = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
     section([f"# long-context bench: {args.gguf.name}, {args.threads} threads; {when}, {os.cpu_count()} CPUs "
              f"({cpu_model()}), 1-minute load average {os.getloadavg()[0]:.1f} at the start"])
-    if args.only_depth:
-        section(["## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
-                                                  args.repeats)])
-        section([f"(1-minute load average {os.getloadavg()[0]:.1f} at the end)"])
-        return
-    section(["## context memory", *memory_rows(args.gguf, [int(c) for c in args.mem_ctx.split(",")], args.threads)])
-    if args.only_memory:
-        return
-    section([f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
-             *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads, args.check)])
+    if not args.only_depth:
+        section(["## context memory", *memory_rows(args.gguf, [int(c) for c in args.mem_ctx.split(",")],
+                                                   args.threads)])
+        if args.only_memory:
+            return
+        section([f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
+                 *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads, args.check)])
     section(["## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
                                               args.repeats)])
-    section([f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
-             *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)])
+    if not args.only_depth:
+        section([f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
+                 *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)])
     section([f"(1-minute load average {os.getloadavg()[0]:.1f} at the end)"])
 
 

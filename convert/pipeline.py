@@ -37,8 +37,9 @@ from .tokenizer import write_tokenizer
 # Rows are read and encoded in blocks of about this many source bytes: big enough to amortise the
 # per-call overhead of the quantizer, small enough that memory stays flat whatever the model size.
 BLOCK_BYTES = 32 * 1024 * 1024
-# The kernel is asked to read this far ahead of the encoder (page cache, not this process's memory), and
-# this many encoded blocks may wait for the writer: the bounds that keep peak memory flat.
+# The read-ahead thread reads and maps this far ahead of the encoder (pages that count in this process's
+# memory until their block is written and released), and this many encoded blocks may wait for the writer:
+# the bounds that keep peak memory flat.
 READ_AHEAD_BYTES = 4 * BLOCK_BYTES
 WRITE_QUEUE_BLOCKS = 3
 
