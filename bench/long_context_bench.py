@@ -4,7 +4,9 @@
   sequence, by cascade-local's engine and by a minimal raw loop on llama-cpp-python's low-level API (same model,
   context size, batch and threads), and their ratio. The engine reads one sequence up to the deepest depth once
   and hands its state to the raw loop's context at each depth (untimed); then the --repeats chunks of 512 that
-  follow the depth are timed in both (their median), alternating between the two.
+  follow the depth are timed in both (their median), alternating between the two and which of them goes first.
+  With --fill-states DIR the state at each depth is kept in DIR and later runs start from it (a 128k fill takes
+  about 50 minutes on 2 cores); the timed chunks are read for real either way.
 * **read once, ask many**: a document of --doc-tokens tokens, then --questions questions, each a fresh
   `cascade-local run -f doc.txt QUESTION` process sharing one prompt-state folder. Time to first token is the
   run's own prompt_seconds (`--json`); the first question evaluates the document, the others restore it. The
@@ -73,21 +75,53 @@ class RawLoop:
             b.n_tokens = len(chunk)
             assert self._lib.llama_decode(self.ctx, b) == 0
 
-    def take_state(self, state: bytes) -> None:
-        """Sequence 0 becomes exactly the state given (another context's, read up to the same depth)."""
-        import ctypes
-
-        self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), 0, -1, -1)
-        src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
-        assert self._lib.llama_state_seq_set_data(self.ctx, src, len(state), 0) == len(state)
-
     def close(self) -> None:
         self._lib.llama_batch_free(self.batch)
         self._lib.llama_free(self.ctx)
 
 
-def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int,
-                 share_fill: bool = True) -> list[tuple[float, float]]:
+def take_state(ctx, state: bytes) -> None:
+    """Sequence 0 of a llama_context becomes exactly the state given (read up to the same depth elsewhere)."""
+    import ctypes
+
+    import llama_cpp
+
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
+    src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+    assert llama_cpp.llama_state_seq_set_data(ctx, src, len(state), 0) == len(state)
+
+
+class FillStates:
+    """Sequence states at each depth kept on disk between runs, keyed on the model file and the depth.
+
+    The tokens up to a depth are the same in every run (`ids`), so a state read once serves every later run.
+    """
+
+    def __init__(self, folder: Path | None, gguf: Path):
+        self.folder = folder
+        st = gguf.stat()
+        self.key = f"{gguf.name}-{st.st_size}-{st.st_mtime_ns}"
+
+    def _path(self, depth: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{self.key}-depth{depth}.state"
+
+    def load(self, depth: int) -> bytes | None:
+        if self.folder is None or depth == 0 or not self._path(depth).exists():
+            return None
+        return self._path(depth).read_bytes()
+
+    def save(self, depth: int, state: bytes) -> None:
+        if self.folder is None or depth == 0:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self._path(depth).with_suffix(".partial")
+        partial.write_bytes(state)
+        partial.replace(self._path(depth))
+
+
+def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int, share_fill: bool = True,
+                 fill_states: Path | None = None, engine_outputs: int | None = None) -> list[tuple[float, float]]:
     """(engine, raw loop) median seconds for 512 prompt tokens at each depth, both in one pass.
 
     One sequence is read up to the deepest depth once (a fresh context per depth would read 128k tokens again
@@ -95,6 +129,8 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int,
     alternating, so that a change in the machine's load hits both alike. With `share_fill` only the engine reads
     the untimed tokens up to each depth, and the raw loop's context is given the engine's sequence state there
     (llama_state_seq_set_data): the same state, read once instead of twice; without it both read them.
+    `fill_states` keeps each depth's state on disk for later runs (see FillStates); `engine_outputs` sets the
+    engine context's reserved output rows (its default is one per sequence; the raw loop's llama.cpp default).
     """
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
@@ -103,23 +139,30 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int,
     tokens, n_ctx = ids(end), end + 256
     model = LoadedModel(gguf)
     raw = RawLoop(model, n_ctx, threads)
+    states = FillStates(fill_states, gguf)
     out, done = [], 0
     try:
-        with Engine(model, n_ctx=n_ctx, threads=threads) as engine:
+        with Engine(model, n_ctx=n_ctx, threads=threads, n_outputs_max=engine_outputs) as engine:
+            runners = (lambda start: engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True),
+                       lambda start: raw.evaluate(tokens, start, start + CHUNK))
             for depth in depths:
-                engine._evaluate(0, tokens, done, depth, logits_at_end=False)
-                if share_fill and depth > done:  # the raw loop starts from the engine's state, not reading again
-                    raw.take_state(engine._snapshot(0))
+                if (state := states.load(depth)) is not None:
+                    take_state(engine.ctx, state)
+                else:
+                    engine._evaluate(0, tokens, done, depth, logits_at_end=False)
+                    if fill_states is not None:
+                        states.save(depth, state := engine._snapshot(0))
+                if state is not None or (share_fill and depth > done):  # the raw loop is handed the state
+                    take_state(raw.ctx, state if state is not None else engine._snapshot(0))
                 else:
                     raw.evaluate(tokens, done, depth)
                 times: tuple[list[float], list[float]] = ([], [])
-                for start in range(depth, depth + repeats * CHUNK, CHUNK):
-                    started = time.perf_counter()
-                    engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True)
-                    times[0].append(time.perf_counter() - started)
-                    started = time.perf_counter()
-                    raw.evaluate(tokens, start, start + CHUNK)
-                    times[1].append(time.perf_counter() - started)
+                for i, start in enumerate(range(depth, depth + repeats * CHUNK, CHUNK)):
+                    # which goes first alternates too: the second may find the weights warmer in the caches
+                    for which in (0, 1) if i % 2 == 0 else (1, 0):
+                        started = time.perf_counter()
+                        runners[which](start)
+                        times[which].append(time.perf_counter() - started)
                 out.append((statistics.median(times[0]), statistics.median(times[1])))
                 done = depth + repeats * CHUNK
     finally:
@@ -128,12 +171,14 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int,
     return out
 
 
-def depth_rows(gguf: Path, depths: list[int], threads: int, repeats: int) -> list[str]:
+def depth_rows(gguf: Path, depths: list[int], threads: int, repeats: int, fill_states: Path | None = None,
+               engine_outputs: int | None = None) -> list[str]:
     if any(b - a < repeats * CHUNK for a, b in itertools.pairwise(depths)) or depths != sorted(depths):
         raise SystemExit(f"--depths must rise by at least {repeats * CHUNK} (--repeats x 512)")
     pp_at_depths(gguf, [0], threads, 1)  # warm-up: page cache, first-call costs
     rows = ["| depth | engine pp512 tok/s | raw loop pp512 tok/s | ratio |", "|---:|---:|---:|---:|"]
-    for depth, (e_s, r_s) in zip(depths, pp_at_depths(gguf, depths, threads, repeats), strict=True):
+    timed = pp_at_depths(gguf, depths, threads, repeats, fill_states=fill_states, engine_outputs=engine_outputs)
+    for depth, (e_s, r_s) in zip(depths, timed, strict=True):
         e, r = CHUNK / e_s, CHUNK / r_s
         rows.append(f"| {depth} | {e:.1f} | {r:.1f} | {e / r:.3f} |")
     return rows
@@ -289,6 +334,10 @@ def main() -> None:
     parser.add_argument("--only-kl", action="store_true", help="measure only the KV-type KL rows")
     parser.add_argument("--only-memory", action="store_true", help="measure only the context memory rows")
     parser.add_argument("--only-depth", action="store_true", help="measure only pp512 at depth")
+    parser.add_argument("--fill-states", type=Path, help="keep the state at each depth in this folder and start "
+                        "later runs from it (only the untimed reading up to each depth is skipped)")
+    parser.add_argument("--engine-outputs", type=int, help="output rows the engine's context reserves "
+                        "(default one per sequence; llama.cpp's own default is the batch size)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -319,7 +368,7 @@ def main() -> None:
         section([f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
                  *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads, args.check)])
     section(["## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
-                                              args.repeats)])
+                                              args.repeats, args.fill_states, args.engine_outputs)])
     if not args.only_depth:
         section([f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
                  *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)])
