@@ -308,14 +308,15 @@ def measure_quantize_only(info: SliceInfo, choice: str, out_dir: Path) -> Row:
     return Row(step, seconds, rss, info.tensor_bytes, None)
 
 
-def llama_cpp_command(info: SliceInfo, gguf: Path) -> list[str] | None:
+def llama_cpp_bf16_command(folder: Path, gguf: Path) -> list[str] | None:
+    """llama.cpp's convert_hf_to_gguf.py to BF16, when LLAMA_CPP_CONVERT and LLAMA_CPP_PYTHON say where it is."""
     script, python = os.environ.get("LLAMA_CPP_CONVERT"), os.environ.get("LLAMA_CPP_PYTHON")
     if not (script and python):
         return None
     for name, value in (("LLAMA_CPP_CONVERT", script), ("LLAMA_CPP_PYTHON", python)):
         if not Path(value).is_file():
             raise SystemExit(f"error: {name}={value} is not a file")
-    return [python, script, str(info.folder), "--outtype", "bf16", "--outfile", str(gguf)]
+    return [python, script, str(folder), "--outtype", "bf16", "--outfile", str(gguf)]
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -454,7 +455,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
                                  info, args.out_dir)
         rows.append(dataclasses.replace(row, bound_s=bounds[choice]))
     llama_gguf = args.out_dir / "convert_bench-llama.cpp-bf16.gguf"
-    llama_cmd = llama_cpp_command(info, llama_gguf)
+    llama_cmd = llama_cpp_bf16_command(info.folder, llama_gguf)
     llama_failure = None
     if llama_cmd is not None:
         try:  # a third-party converter may reject the synthetic slice; that must not lose the table

@@ -27,6 +27,7 @@ length 4096). For the real-width slice, pass e.g. `--depths 0,8192,32768,131072 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -121,8 +122,10 @@ class FillStates:
 
 
 def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int, share_fill: bool = True,
-                 fill_states: Path | None = None, engine_outputs: int | None = None) -> list[tuple[float, float]]:
-    """(engine, raw loop) median seconds for 512 prompt tokens at each depth, both in one pass.
+                 fill_states: Path | None = None,
+                 engine_outputs: int | None = None, control: bool = False,
+                 engine_first: bool = False) -> list[tuple[list[float], list[float]]]:
+    """(engine, raw loop) seconds for each chunk of 512 prompt tokens at each depth, both in one pass.
 
     One sequence is read up to the deepest depth once (a fresh context per depth would read 128k tokens again
     for every sample: hours on a desktop CPU); at each depth the next `repeats` chunks are timed in both,
@@ -131,56 +134,77 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int, shar
     (llama_state_seq_set_data): the same state, read once instead of twice; without it both read them.
     `fill_states` keeps each depth's state on disk for later runs (see FillStates); `engine_outputs` sets the
     engine context's reserved output rows (its default is one per sequence; the raw loop's llama.cpp default).
+    `control` times a second raw loop in the engine's place (it still fills): how far two identical contexts
+    differ on this machine, the noise floor of the ratio. `engine_first` creates the engine's context before
+    the raw loop's (on this VM one of two identical contexts has run up to 17% slower than the other, more
+    often the one created second: see `control`).
     """
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
 
     end = max(depths) + repeats * CHUNK
     tokens, n_ctx = ids(end), end + 256
-    model = LoadedModel(gguf)
-    raw = RawLoop(model, n_ctx, threads)
     states = FillStates(fill_states, gguf)
     out, done = [], 0
-    try:
-        with Engine(model, n_ctx=n_ctx, threads=threads, n_outputs_max=engine_outputs) as engine:
-            runners = (lambda start: engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True),
-                       lambda start: raw.evaluate(tokens, start, start + CHUNK))
-            for depth in depths:
-                if (state := states.load(depth)) is not None:
-                    take_state(engine.ctx, state)
-                else:
-                    engine._evaluate(0, tokens, done, depth, logits_at_end=False)
-                    if fill_states is not None:
-                        states.save(depth, state := engine._snapshot(0))
-                if state is not None or (share_fill and depth > done):  # the raw loop is handed the state
-                    take_state(raw.ctx, state if state is not None else engine._snapshot(0))
-                else:
-                    raw.evaluate(tokens, done, depth)
-                times: tuple[list[float], list[float]] = ([], [])
-                for i, start in enumerate(range(depth, depth + repeats * CHUNK, CHUNK)):
-                    # which goes first alternates too: the second may find the weights warmer in the caches
-                    for which in (0, 1) if i % 2 == 0 else (1, 0):
-                        started = time.perf_counter()
-                        runners[which](start)
-                        times[which].append(time.perf_counter() - started)
-                out.append((statistics.median(times[0]), statistics.median(times[1])))
-                done = depth + repeats * CHUNK
-    finally:
-        raw.close()
-        model.close()
+    with contextlib.ExitStack() as stack:
+        model = LoadedModel(gguf)
+        stack.callback(model.close)
+        if not engine_first:
+            raw = RawLoop(model, n_ctx, threads)
+            stack.callback(raw.close)
+        engine = stack.enter_context(Engine(model, n_ctx=n_ctx, threads=threads, n_outputs_max=engine_outputs))
+        if engine_first:
+            raw = RawLoop(model, n_ctx, threads)
+            stack.callback(raw.close)
+        twin = RawLoop(model, n_ctx, threads) if control else None
+        if twin is not None:
+            stack.callback(twin.close)
+        runners = (lambda start: engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True),
+                   lambda start: raw.evaluate(tokens, start, start + CHUNK))
+        if twin is not None:
+            runners = (lambda start: twin.evaluate(tokens, start, start + CHUNK), runners[1])
+        for depth in depths:
+            if (state := states.load(depth)) is not None:
+                take_state(engine.ctx, state)
+            else:
+                engine._evaluate(0, tokens, done, depth, logits_at_end=False)
+                if fill_states is not None:
+                    states.save(depth, state := engine._snapshot(0))
+            if state is not None or (share_fill and depth > done):  # the raw loop is handed the state
+                take_state(raw.ctx, state if state is not None else engine._snapshot(0))
+                if twin is not None:
+                    take_state(twin.ctx, state if state is not None else engine._snapshot(0))
+            else:
+                for loop in (raw, twin) if twin is not None else (raw,):
+                    loop.evaluate(tokens, done, depth)
+            times: tuple[list[float], list[float]] = ([], [])
+            for i, start in enumerate(range(depth, depth + repeats * CHUNK, CHUNK)):
+                # which goes first alternates too: the second may find the weights warmer in the caches
+                for which in (0, 1) if i % 2 == 0 else (1, 0):
+                    started = time.perf_counter()
+                    runners[which](start)
+                    times[which].append(time.perf_counter() - started)
+            out.append(times)
+            done = depth + repeats * CHUNK
     return out
 
 
 def depth_rows(gguf: Path, depths: list[int], threads: int, repeats: int, fill_states: Path | None = None,
-               engine_outputs: int | None = None) -> list[str]:
+               engine_outputs: int | None = None, control: bool = False, engine_first: bool = False) -> list[str]:
     if any(b - a < repeats * CHUNK for a, b in itertools.pairwise(depths)) or depths != sorted(depths):
         raise SystemExit(f"--depths must rise by at least {repeats * CHUNK} (--repeats x 512)")
     pp_at_depths(gguf, [0], threads, 1)  # warm-up: page cache, first-call costs
-    rows = ["| depth | engine pp512 tok/s | raw loop pp512 tok/s | ratio |", "|---:|---:|---:|---:|"]
-    timed = pp_at_depths(gguf, depths, threads, repeats, fill_states=fill_states, engine_outputs=engine_outputs)
-    for depth, (e_s, r_s) in zip(depths, timed, strict=True):
-        e, r = CHUNK / e_s, CHUNK / r_s
-        rows.append(f"| {depth} | {e:.1f} | {r:.1f} | {e / r:.3f} |")
+    rows = ["| depth | engine pp512 tok/s | raw loop pp512 tok/s | ratio | ratio of each chunk: median (range) |",
+            "|---:|---:|---:|---:|:--|"]
+    timed = pp_at_depths(gguf, depths, threads, repeats, fill_states=fill_states, engine_outputs=engine_outputs,
+                         control=control, engine_first=engine_first)
+    for depth, (engine_s, raw_s) in zip(depths, timed, strict=True):
+        e, r = CHUNK / statistics.median(engine_s), CHUNK / statistics.median(raw_s)
+        # The same chunk read by both, one right after the other: a drift in the machine's speed over the
+        # minutes a deep row takes cancels in these, not in the medians' ratio.
+        pairs = sorted(b / a for a, b in zip(engine_s, raw_s, strict=True))
+        rows.append(f"| {depth} | {e:.1f} | {r:.1f} | {e / r:.3f} "
+                    f"| {statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f}) |")
     return rows
 
 
@@ -338,6 +362,10 @@ def main() -> None:
                         "later runs from it (only the untimed reading up to each depth is skipped)")
     parser.add_argument("--engine-outputs", type=int, help="output rows the engine's context reserves "
                         "(default one per sequence; llama.cpp's own default is the batch size)")
+    parser.add_argument("--control", action="store_true", help="time a second raw loop in the engine's column: "
+                        "how far two identical contexts differ here (the ratio's noise floor)")
+    parser.add_argument("--engine-first", action="store_true", help="create the engine's context before the "
+                        "raw loop's (the default is after)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -368,7 +396,8 @@ def main() -> None:
         section([f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
                  *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads, args.check)])
     section(["## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
-                                              args.repeats, args.fill_states, args.engine_outputs)])
+                                              args.repeats, args.fill_states, args.engine_outputs,
+                                              args.control, args.engine_first)])
     if not args.only_depth:
         section([f"## KV type: KL against f16 ({args.kl_tokens}-token prompt, last {args.kl_window} positions)",
                  *kl_rows(args.gguf, args.kl_tokens, args.kl_window, args.threads)])

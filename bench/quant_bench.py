@@ -5,7 +5,10 @@ For each target (the tiny test fixture and/or a real-width slice), in one run an
 * reference: our BF16 GGUF (`cascade-local convert --type bf16`); its logits are what KL is measured against;
 * baseline: llama.cpp's usual path, that BF16 GGUF then `llama_model_quantize` to Q4_K_M (two steps,
   an intermediate file as big as the checkpoint); also its MXFP4_MOE and Q4_0 ftypes the same way;
-* ours: each recipe, straight from the safetensors checkpoint in one pass.
+* ours: each recipe, straight from the safetensors checkpoint in one pass;
+* optionally llama.cpp's own two steps end to end: its `convert_hf_to_gguf.py --outtype bf16` (set
+  LLAMA_CPP_CONVERT and LLAMA_CPP_PYTHON as for bench/convert_bench.py), then `llama_model_quantize` to
+  MXFP4_MOE and Q4_K_M. The rows above take our BF16 as their first step, which is 4-5x faster than llama.cpp's.
 
 Every conversion runs in its own child process (wall time, peak RSS from wait4). Quality: mean KL
 divergence of each GGUF's next-token distribution from the BF16 GGUF's, and top-1 agreement, over
@@ -38,6 +41,7 @@ from convert_bench import (
     cpu_model,
     drop_page_cache,
     ensure_slice,
+    llama_cpp_bf16_command,
     meminfo_kb,
     run_child,
     slice_dir_name,
@@ -154,6 +158,24 @@ def run_target(label: str, src: Path, recipes: list[str], work: Path) -> list[Ro
         rows.append(Row(f"llama.cpp two-step {ftype_name}", bf16_wall + wall, max(bf16_rss, rss), bf16.stat().st_size,
                         q["tensor_bytes"], q["params"], q["kl"], q["top1"], q["types"]))
         out.unlink()
+    llama_bf16 = work / "llama-convert-bf16.gguf"
+    if (llama_cmd := llama_cpp_bf16_command(src, llama_bf16)) is not None:
+        log(f"{label}: llama.cpp convert_hf_to_gguf.py BF16")
+        drop_page_cache(shards(src))
+        convert_wall, convert_rss = timed(llama_cmd, work / "llama-convert-bf16.log", "convert_hf_to_gguf.py")
+        for ftype_name in ("MXFP4_MOE", "Q4_K_M"):
+            log(f"{label}: llama.cpp's BF16 GGUF -> {ftype_name}")
+            out = work / f"llama-own-{ftype_name}.gguf"
+            drop_page_cache([llama_bf16])
+            wall, rss = timed([sys.executable, "-c", QUANTIZE_CHILD, str(llama_bf16), str(out),
+                               str(LLAMA_FTYPES[ftype_name])], work / f"llama-own-{ftype_name}.log",
+                              f"llama_model_quantize {ftype_name}")
+            q = quality(out, work / "ref_logits.npy", work)
+            rows.append(Row(f"{LLAMA_OWN} {ftype_name}", convert_wall + wall, max(convert_rss, rss),
+                            llama_bf16.stat().st_size, q["tensor_bytes"], q["params"], q["kl"], q["top1"],
+                            q["types"]))
+            out.unlink()
+        llama_bf16.unlink()
     for recipe in recipes:
         log(f"{label}: cascade-local --recipe {recipe}")
         out = work / f"ours-{recipe}.gguf"
@@ -166,6 +188,22 @@ def run_target(label: str, src: Path, recipes: list[str], work: Path) -> list[Ro
     bf16.unlink()
     log(f"{label}: reference top-token probability averages {ref.get('top_p', 0):.2f}")
     return rows
+
+
+LLAMA_OWN = "llama.cpp convert_hf_to_gguf.py + quantize"
+
+
+def against_two_steps(rows: list[Row]) -> list[str]:
+    """Each recipe's wall time over llama.cpp's two steps to MXFP4_MOE (the same types as q4-moe), both ways."""
+    ours_first = next(r for r in rows if r.name == "llama.cpp two-step MXFP4_MOE")
+    own = next((r for r in rows if r.name == f"{LLAMA_OWN} MXFP4_MOE"), None)
+    lines = ["", "Wall time against llama.cpp's two steps to MXFP4_MOE:", "",
+             "| recipe | wall s | vs our BF16 + quantize | vs convert_hf_to_gguf.py + quantize |", "|---|--:|--:|--:|"]
+    for r in rows:
+        if r.name.startswith("cascade-local --recipe"):
+            vs_own = f"{r.wall / own.wall:.2f}" if own else "not run"
+            lines.append(f"| {r.name} | {r.wall:.1f} | {r.wall / ours_first.wall:.2f} | {vs_own} |")
+    return lines
 
 
 def table(label: str, rows: list[Row]) -> list[str]:
@@ -188,7 +226,7 @@ def table(label: str, rows: list[Row]) -> list[str]:
     for r in rows:
         if r.types:
             lines.append(f"| {r.name} | " + " | ".join(r.types.get(c, "-") for c in classes) + " |")
-    return lines
+    return lines + against_two_steps(rows)
 
 
 def projected_full_model(recipes: list[str]) -> list[str]:
