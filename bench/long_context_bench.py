@@ -136,8 +136,8 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int, shar
     engine context's reserved output rows (its default is one per sequence; the raw loop's llama.cpp default).
     `control` times a second raw loop in the engine's place (it still fills): how far two identical contexts
     differ on this machine, the noise floor of the ratio. `engine_first` creates the engine's context before
-    the raw loop's (on this VM one of two identical contexts has run up to 17% slower than the other, more
-    often the one created second: see `control`).
+    the raw loop's. On this VM two contexts in one process have differed by up to 17% at 128k whatever they were
+    (two raw loops included), so deep rows are also measured with each context alone (`alone_rows`).
     """
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
@@ -298,6 +298,63 @@ def rss_kib() -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
 
 
+def alone_child(gguf: Path, kind: str, depth: int, threads: int, repeats: int, fill_states: Path) -> None:
+    """One context only (the engine's or the raw loop's), given the saved state at `depth`; prints chunk seconds."""
+    from cascade_local.engine import Engine
+    from cascade_local.llama_model import LoadedModel
+
+    state = FillStates(fill_states, gguf).load(depth)
+    if state is None:
+        raise SystemExit(f"no state for depth {depth} in {fill_states}: run with --fill-states first")
+    end = depth + repeats * CHUNK
+    tokens, n_ctx = ids(end), end + 256
+    with contextlib.ExitStack() as stack:
+        model = LoadedModel(gguf)
+        stack.callback(model.close)
+        if kind == "engine":
+            engine = stack.enter_context(Engine(model, n_ctx=n_ctx, threads=threads))
+            ctx = engine.ctx
+
+            def run(start: int) -> None:
+                engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True)
+        else:
+            raw = RawLoop(model, n_ctx, threads)
+            stack.callback(raw.close)
+            ctx = raw.ctx
+
+            def run(start: int) -> None:
+                raw.evaluate(tokens, start, start + CHUNK)
+        take_state(ctx, state)
+        seconds = []
+        for start in range(depth, end, CHUNK):
+            started = time.perf_counter()
+            run(start)
+            seconds.append(time.perf_counter() - started)
+    print(json.dumps(seconds))
+
+
+def alone_rows(gguf: Path, depths: list[int], threads: int, repeats: int, rounds: int, fill_states: Path) -> list[str]:
+    """Each context alone in its own process, engine and raw loop alternating, `rounds` processes of each."""
+    rows = ["| depth | engine pp512 tok/s | raw loop pp512 tok/s | ratio | processes "
+            "| per process: engine / raw tok/s |", "|---:|---:|---:|---:|---:|:--|"]
+    for depth in depths:
+        per_kind: dict[str, list[list[float]]] = {"engine": [], "raw": []}
+        for i in range(2 * rounds):
+            kind = ("engine", "raw")[i % 2] if (i // 2) % 2 == 0 else ("raw", "engine")[i % 2]
+            done = subprocess.run([sys.executable, __file__, "--alone-child", kind, "--gguf", str(gguf),
+                                   "--threads", str(threads), "--repeats", str(repeats), "--depths", str(depth),
+                                   "--fill-states", str(fill_states)], capture_output=True, text=True, timeout=3600)
+            if done.returncode != 0:
+                raise SystemExit(f"{kind} process failed: {done.stderr.strip()[-500:]}")
+            per_kind[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        e = CHUNK / statistics.median(t for run in per_kind["engine"] for t in run)
+        r = CHUNK / statistics.median(t for run in per_kind["raw"] for t in run)
+        each = ", ".join(f"{CHUNK / statistics.median(a):.1f} / {CHUNK / statistics.median(b):.1f}"
+                         for a, b in zip(per_kind["engine"], per_kind["raw"], strict=True))
+        rows.append(f"| {depth} | {e:.1f} | {r:.1f} | {e / r:.3f} | {rounds} + {rounds} | {each} |")
+    return rows
+
+
 def memory_child(gguf: Path, ctx: int, threads: int) -> None:
     import re
 
@@ -366,10 +423,17 @@ def main() -> None:
                         "how far two identical contexts differ here (the ratio's noise floor)")
     parser.add_argument("--engine-first", action="store_true", help="create the engine's context before the "
                         "raw loop's (the default is after)")
+    parser.add_argument("--alone", type=int, metavar="ROUNDS", help="pp512 at depth with each context alone in its "
+                        "own process, engine and raw loop alternating, ROUNDS processes of each (needs --fill-states "
+                        "holding every depth): no second context in the process to share caches and memory with")
+    parser.add_argument("--alone-child", choices=["engine", "raw"], help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.gguf, args.memory_child, args.threads)
+        return
+    if args.alone_child:
+        alone_child(args.gguf, args.alone_child, int(args.depths), args.threads, args.repeats, args.fill_states)
         return
     sys.path.insert(0, str(ROOT))
 
@@ -395,6 +459,13 @@ def main() -> None:
             return
         section([f"## read once, ask many ({args.doc_tokens} tokens, {args.questions} questions)",
                  *read_once_rows(args.gguf, args.doc_tokens, args.questions, args.threads, args.check)])
+    if args.alone:
+        if args.fill_states is None:
+            raise SystemExit("--alone needs --fill-states")
+        section(["## pp512 at depth, each context alone in its own process",
+                 *alone_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads, args.repeats,
+                             args.alone, args.fill_states)])
+        return
     section(["## pp512 at depth", *depth_rows(args.gguf, [int(d) for d in args.depths.split(",")], args.threads,
                                               args.repeats, args.fill_states, args.engine_outputs,
                                               args.control, args.engine_first)])

@@ -34,7 +34,7 @@ def _index_table() -> np.ndarray:
     values = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
     with np.errstate(invalid="ignore"):  # NaN patterns; never looked up (their pieces go to ggml)
         errors = np.abs(E2M1_TIMES_TWO[None, :] - values[:, None])
-    table = np.argmin(errors, axis=1).astype(np.uint8)  # the first minimum, as ggml's strict `<` keeps
+    table: np.ndarray = np.argmin(errors, axis=1).astype(np.uint8)  # the first minimum, as ggml's strict `<` keeps
     table[np.isnan(values)] = 0
     return table
 
