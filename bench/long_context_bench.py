@@ -81,6 +81,13 @@ class RawLoop:
         self._lib.llama_free(self.ctx)
 
 
+def chunk_reader(reader, tokens: list[int]):
+    """reader(start) evaluates the 512 tokens from `start`, an Engine's sequence 0 or a RawLoop, logits at the end."""
+    if isinstance(reader, RawLoop):
+        return lambda start: reader.evaluate(tokens, start, start + CHUNK)
+    return lambda start: reader._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True)
+
+
 def take_state(ctx, state: bytes) -> None:
     """Sequence 0 of a llama_context becomes exactly the state given (read up to the same depth elsewhere)."""
     import ctypes
@@ -159,23 +166,20 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int, shar
         twin = RawLoop(model, n_ctx, threads) if control else None
         if twin is not None:
             stack.callback(twin.close)
-        runners = (lambda start: engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True),
-                   lambda start: raw.evaluate(tokens, start, start + CHUNK))
-        if twin is not None:
-            runners = (lambda start: twin.evaluate(tokens, start, start + CHUNK), runners[1])
+        loops = (raw,) if twin is None else (raw, twin)
+        runners = (chunk_reader(engine if twin is None else twin, tokens), chunk_reader(raw, tokens))
         for depth in depths:
             if (state := states.load(depth)) is not None:
                 take_state(engine.ctx, state)
             else:
                 engine._evaluate(0, tokens, done, depth, logits_at_end=False)
-                if fill_states is not None:
-                    states.save(depth, state := engine._snapshot(0))
-            if state is not None or (share_fill and depth > done):  # the raw loop is handed the state
-                take_state(raw.ctx, state if state is not None else engine._snapshot(0))
-                if twin is not None:
-                    take_state(twin.ctx, state if state is not None else engine._snapshot(0))
-            else:
-                for loop in (raw, twin) if twin is not None else (raw,):
+                if fill_states is not None or (share_fill and depth > done):
+                    state = engine._snapshot(0)
+                    states.save(depth, state)
+            for loop in loops:  # the raw loops are handed the engine's state, or read up to the depth themselves
+                if state is not None:
+                    take_state(loop.ctx, state)
+                else:
                     loop.evaluate(tokens, done, depth)
             times: tuple[list[float], list[float]] = ([], [])
             for i, start in enumerate(range(depth, depth + repeats * CHUNK, CHUNK)):
@@ -312,19 +316,12 @@ def alone_child(gguf: Path, kind: str, depth: int, threads: int, repeats: int, f
         model = LoadedModel(gguf)
         stack.callback(model.close)
         if kind == "engine":
-            engine = stack.enter_context(Engine(model, n_ctx=n_ctx, threads=threads))
-            ctx = engine.ctx
-
-            def run(start: int) -> None:
-                engine._evaluate(0, tokens, start, start + CHUNK, logits_at_end=True)
+            reader = stack.enter_context(Engine(model, n_ctx=n_ctx, threads=threads))
         else:
-            raw = RawLoop(model, n_ctx, threads)
-            stack.callback(raw.close)
-            ctx = raw.ctx
-
-            def run(start: int) -> None:
-                raw.evaluate(tokens, start, start + CHUNK)
-        take_state(ctx, state)
+            reader = RawLoop(model, n_ctx, threads)
+            stack.callback(reader.close)
+        run = chunk_reader(reader, tokens)
+        take_state(reader.ctx, state)
         seconds = []
         for start in range(depth, end, CHUNK):
             started = time.perf_counter()
@@ -340,7 +337,7 @@ def alone_rows(gguf: Path, depths: list[int], threads: int, repeats: int, rounds
     for depth in depths:
         per_kind: dict[str, list[list[float]]] = {"engine": [], "raw": []}
         for i in range(2 * rounds):
-            kind = ("engine", "raw")[i % 2] if (i // 2) % 2 == 0 else ("raw", "engine")[i % 2]
+            kind = ("engine", "raw", "raw", "engine")[i % 4]  # each goes first in every other pair
             done = subprocess.run([sys.executable, __file__, "--alone-child", kind, "--gguf", str(gguf),
                                    "--threads", str(threads), "--repeats", str(repeats), "--depths", str(depth),
                                    "--fill-states", str(fill_states)], capture_output=True, text=True, timeout=3600)

@@ -139,6 +139,22 @@ def shards(src: Path) -> list[Path]:
     return sorted(src.glob("*.safetensors"))
 
 
+LLAMA_OWN = "llama.cpp convert_hf_to_gguf.py + quantize"
+
+
+def second_step(label: str, name: str, bf16: Path, first: tuple[float, int], ftype_name: str, work: Path) -> Row:
+    """llama.cpp's quantize of a BF16 GGUF made by a first step that took `first` (wall s, peak RSS): one row."""
+    log(f"{label}: {name}: BF16 GGUF -> {ftype_name}")
+    out = work / f"{bf16.stem}-{ftype_name}.gguf"
+    drop_page_cache([bf16])
+    wall, rss = timed([sys.executable, "-c", QUANTIZE_CHILD, str(bf16), str(out), str(LLAMA_FTYPES[ftype_name])],
+                      work / f"{bf16.stem}-{ftype_name}.log", f"llama_model_quantize {ftype_name}")
+    q = quality(out, work / "ref_logits.npy", work)
+    out.unlink()
+    return Row(f"{name} {ftype_name}", first[0] + wall, max(first[1], rss), bf16.stat().st_size, q["tensor_bytes"],
+               q["params"], q["kl"], q["top1"], q["types"])
+
+
 def run_target(label: str, src: Path, recipes: list[str], work: Path) -> list[Row]:
     work.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "cascade_local", "convert", str(src), "--force"]
@@ -148,33 +164,15 @@ def run_target(label: str, src: Path, recipes: list[str], work: Path) -> list[Ro
     bf16_wall, bf16_rss = timed([*cli, "-o", str(bf16), "--type", "bf16"], work / "bf16.log", "BF16 conversion")
     ref = quality(bf16, None, work)
     rows = [Row("cascade-local --type bf16 (reference)", bf16_wall, bf16_rss, 0, ref["tensor_bytes"], ref["params"])]
-    for ftype_name, ftype in LLAMA_FTYPES.items():
-        log(f"{label}: llama.cpp BF16 GGUF -> {ftype_name}")
-        out = work / f"llama-{ftype_name}.gguf"
-        drop_page_cache([bf16])
-        wall, rss = timed([sys.executable, "-c", QUANTIZE_CHILD, str(bf16), str(out), str(ftype)],
-                          work / f"llama-{ftype_name}.log", f"llama_model_quantize {ftype_name}")
-        q = quality(out, work / "ref_logits.npy", work)
-        rows.append(Row(f"llama.cpp two-step {ftype_name}", bf16_wall + wall, max(bf16_rss, rss), bf16.stat().st_size,
-                        q["tensor_bytes"], q["params"], q["kl"], q["top1"], q["types"]))
-        out.unlink()
+    for ftype_name in LLAMA_FTYPES:
+        rows.append(second_step(label, "llama.cpp two-step", bf16, (bf16_wall, bf16_rss), ftype_name, work))
     llama_bf16 = work / "llama-convert-bf16.gguf"
     if (llama_cmd := llama_cpp_bf16_command(src, llama_bf16)) is not None:
         log(f"{label}: llama.cpp convert_hf_to_gguf.py BF16")
         drop_page_cache(shards(src))
-        convert_wall, convert_rss = timed(llama_cmd, work / "llama-convert-bf16.log", "convert_hf_to_gguf.py")
+        first = timed(llama_cmd, work / "llama-convert-bf16.log", "convert_hf_to_gguf.py")
         for ftype_name in ("MXFP4_MOE", "Q4_K_M"):
-            log(f"{label}: llama.cpp's BF16 GGUF -> {ftype_name}")
-            out = work / f"llama-own-{ftype_name}.gguf"
-            drop_page_cache([llama_bf16])
-            wall, rss = timed([sys.executable, "-c", QUANTIZE_CHILD, str(llama_bf16), str(out),
-                               str(LLAMA_FTYPES[ftype_name])], work / f"llama-own-{ftype_name}.log",
-                              f"llama_model_quantize {ftype_name}")
-            q = quality(out, work / "ref_logits.npy", work)
-            rows.append(Row(f"{LLAMA_OWN} {ftype_name}", convert_wall + wall, max(convert_rss, rss),
-                            llama_bf16.stat().st_size, q["tensor_bytes"], q["params"], q["kl"], q["top1"],
-                            q["types"]))
-            out.unlink()
+            rows.append(second_step(label, LLAMA_OWN, llama_bf16, first, ftype_name, work))
         llama_bf16.unlink()
     for recipe in recipes:
         log(f"{label}: cascade-local --recipe {recipe}")
@@ -188,9 +186,6 @@ def run_target(label: str, src: Path, recipes: list[str], work: Path) -> list[Ro
     bf16.unlink()
     log(f"{label}: reference top-token probability averages {ref.get('top_p', 0):.2f}")
     return rows
-
-
-LLAMA_OWN = "llama.cpp convert_hf_to_gguf.py + quantize"
 
 
 def against_two_steps(rows: list[Row]) -> list[str]:
