@@ -141,10 +141,11 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int, shar
     (llama_state_seq_set_data): the same state, read once instead of twice; without it both read them.
     `fill_states` keeps each depth's state on disk for later runs (see FillStates); `engine_outputs` sets the
     engine context's reserved output rows (its default is one per sequence; the raw loop's llama.cpp default).
-    `control` times a second raw loop in the engine's place (it still fills): how far two identical contexts
-    differ on this machine, the noise floor of the ratio. `engine_first` creates the engine's context before
-    the raw loop's. On this VM two contexts in one process have differed by up to 17% at 128k whatever they were
-    (two raw loops included), so deep rows are also measured with each context alone (`alone_rows`).
+    `control` times a second raw loop in the engine's place (the engine still fills, untimed): how far two
+    identical contexts differ on this machine, the noise floor of the ratio. `engine_first` creates the engine's
+    context before the raw loop's. On this VM two contexts in one process have differed by up to 17% at 128k
+    whatever they were (two raw loops included), so deep rows are also measured with each context alone
+    (`alone_rows`).
     """
     from cascade_local.engine import Engine
     from cascade_local.llama_model import LoadedModel
@@ -190,6 +191,8 @@ def pp_at_depths(gguf: Path, depths: list[int], threads: int, repeats: int, shar
                     times[which].append(time.perf_counter() - started)
             out.append(times)
             done = depth + repeats * CHUNK
+            if twin is not None:  # the twin read the timed chunks in the engine's place; the engine fills on
+                engine._evaluate(0, tokens, depth, done, logits_at_end=False)
     return out
 
 
